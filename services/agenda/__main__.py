@@ -1,0 +1,16 @@
+"""The agenda agent: ``python -m services.agenda`` (the container entrypoint)."""
+
+from kapellmeister import run_agent, task
+from services.agenda.handlers import activity
+
+
+def main() -> None:
+    run_agent(
+        "agenda",
+        [task("agenda.activity", activity)],
+        description="The agenda: what the user does at a given hour of the week",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""kapellmeister: saga and workflow orchestration for asyncio services over NATS JetStream.
+
+Re-exports only what services use; everything else is imported from its module.
+"""
+
+from kapellmeister.agent import TaskSpec, run_agent, task
+from kapellmeister.conductor import Conductor
+from kapellmeister.config import Settings
+from kapellmeister.definitions import load_definitions
+from kapellmeister.errors import BadRequest, TaskError
+from kapellmeister.registry import Registry
+from kapellmeister.runtime import connect, run_service
+
+__all__ = [
+    "BadRequest",
+    "Conductor",
+    "Registry",
+    "Settings",
+    "TaskError",
+    "TaskSpec",
+    "connect",
+    "load_definitions",
+    "run_agent",
+    "run_service",
+    "task",
+]

@@ -1,0 +1,310 @@
+"""The agent runtime: a plain ``async def handler(req: Req) -> Res`` served over NATS.
+
+Each task is served twice from the same handler:
+
+* a JetStream work-queue consumer on ``tasks.<task>`` (stream TASKS), shared by every
+  replica: pull in batches, decode and validate, call, publish the `TaskResult` on
+  ``results.<workflow_id>`` with a deterministic ``Nats-Msg-Id``, then ack. While the
+  handler runs, in-progress acks keep the message from being redelivered.
+* a NATS micro endpoint on ``<task>`` for direct requests (``nats req weather.report``).
+
+What the handler's outcome means (the handler never sees NATS):
+
+==============================  =====================================================
+outcome                         JetStream                      result / reply
+==============================  =====================================================
+returns                         ack after the result is stored COMPLETED / the value
+input fails validation,         ack                            FAILED, terminal (400)
+``BadRequest``
+``TaskError(retryable=False)``  ack                            FAILED, terminal
+any other exception             nak with backoff, until the    FAILED, retryable, on the
+                                last delivery                  last delivery / 500
+==============================  =====================================================
+
+On start the agent registers each task in the ``tasks`` bucket (name, service, JSON
+Schema of input and output generated from the structs) so definitions can be checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import typing
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import Service
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from kapellmeister import tracing
+from kapellmeister.config import Settings
+from kapellmeister.consumer import PullWorker
+from kapellmeister.errors import BadRequest, TaskError
+from kapellmeister.messages import Failure, Json, TaskRequest, TaskResult
+from kapellmeister.micro import add_endpoint, error_detail
+from kapellmeister.runtime import connect, run_service, utc_now
+from kapellmeister.topology import TASKS, ensure_buckets, ensure_consumer, ensure_streams
+
+__all__ = ["Agent", "Handler", "TaskRegistration", "TaskSpec", "run_agent", "task"]
+
+log = logging.getLogger("kapellmeister.agent")
+
+Req = TypeVar("Req")
+Res = TypeVar("Res")
+Handler = Callable[[Req], Awaitable[Res]]
+
+_encode = msgspec.json.Encoder().encode
+_decode_request = msgspec.json.Decoder(TaskRequest).decode
+_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+
+class TaskRegistration(msgspec.Struct, frozen=True, kw_only=True):
+    """A task as agents register it in the ``tasks`` bucket (key: the task name)."""
+
+    name: str
+    service: str
+    description: str
+    input_schema: dict[str, Any]
+    output_schema: dict[str, Any]
+    registered_at: str
+
+
+class TaskSpec(Generic[Req, Res]):
+    """A handler bound to its task name, with its request and result types."""
+
+    def __init__(self, name: str, handler: Handler[Req, Res], description: str = "") -> None:
+        hints = typing.get_type_hints(handler)
+        params = [p for p in hints if p != "return"]
+        if len(params) != 1 or "return" not in hints:
+            raise TypeError(f"{name}: the handler must be `async def h(req: Req) -> Res`")
+        self.name = name
+        self.handler = handler
+        self.request_type: type[Req] = hints[params[0]]
+        self.result_type: type[Res] = hints["return"]
+        self.description = description or (handler.__doc__ or "").strip().split("\n")[0]
+        self._decode = msgspec.json.Decoder(self.request_type).decode
+
+    async def call(self, raw: bytes | msgspec.Raw) -> bytes:
+        """Decode and validate ``raw``, run the handler, encode its result."""
+        return _encode(await self.handler(self._decode(raw)))
+
+    def registration(self, service: str) -> TaskRegistration:
+        return TaskRegistration(
+            name=self.name,
+            service=service,
+            description=self.description,
+            input_schema=msgspec.json.schema(self.request_type),
+            output_schema=msgspec.json.schema(self.result_type),
+            registered_at=utc_now(),
+        )
+
+
+def task(name: str, handler: Handler[Req, Res], *, description: str = "") -> TaskSpec[Req, Res]:
+    """Bind ``handler`` to the task ``name`` (its micro subject; ``tasks.<name>`` in JetStream)."""
+    return TaskSpec(name, handler, description)
+
+
+def _terminal(exc: BaseException) -> bool:
+    if isinstance(exc, TaskError):
+        return not exc.retryable
+    return isinstance(exc, BadRequest | msgspec.ValidationError | msgspec.DecodeError)
+
+
+class Agent:
+    """Serves a set of tasks for one service name (``weather``, ``agenda``)."""
+
+    def __init__(
+        self,
+        name: str,
+        tasks: Sequence[TaskSpec[Any, Any]],
+        settings: Settings,
+        *,
+        version: str = "0.1.0",
+        description: str = "",
+    ) -> None:
+        self.name = name
+        self.tasks = list(tasks)
+        self.settings = settings
+        self.version = version
+        self.description = description or f"kapellmeister agent {name}"
+        self._workers: list[PullWorker] = []
+        self._service: Service | None = None
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+
+    async def start(self, nc: Client) -> None:
+        """Create what is missing, register the tasks, start consuming and serving."""
+        self._nc, self._js = nc, nc.jetstream()
+        settings = self.settings
+        await ensure_streams(self._js, settings.replicas)
+        buckets = await ensure_buckets(self._js, settings.replicas)
+        self._service = await add_service(
+            nc, name=self.name, version=self.version, description=self.description
+        )
+        for spec in self.tasks:
+            await buckets["tasks"].put(spec.name, _encode(spec.registration(self.name)))
+            await add_endpoint(
+                self._service, spec.name.rsplit(".", 1)[-1], spec.name, self._direct(spec)
+            )
+            subject = f"tasks.{spec.name}"
+            durable = await ensure_consumer(
+                self._js,
+                TASKS,
+                subject,
+                ack_wait_s=settings.ack_wait_s,
+                max_deliver=settings.max_deliver,
+            )
+            sub = await self._js.pull_subscribe_bind(durable=durable, stream=TASKS)
+            worker = PullWorker(
+                spec.name, sub, functools.partial(self._run, spec), settings.concurrency
+            )
+            worker.start()
+            self._workers.append(worker)
+        log.info("%s: serving %s", self.name, ", ".join(s.name for s in self.tasks))
+
+    async def stop(self) -> None:
+        """Stop pulling, let running tasks finish (their results get published), stop serving."""
+        await asyncio.gather(*(w.stop(self.settings.ack_wait_s) for w in self._workers))
+        if self._service is not None:
+            await self._service.stop()
+
+    @property
+    def worker_id(self) -> str:
+        return f"{self.name}/{self._service.id if self._service else '?'}"
+
+    def _direct(self, spec: TaskSpec[Any, Any]) -> Callable[[Request], Awaitable[bytes]]:
+        async def handle(request: Request) -> bytes:
+            context = tracing.extract(request.headers)
+            with tracing.tracer().start_as_current_span(
+                f"{spec.name} process",
+                context=context,
+                kind=SpanKind.SERVER,
+                attributes={"messaging.system": "nats", "messaging.destination.name": spec.name},
+            ):
+                return await spec.call(request.data)
+
+        return handle
+
+    async def _heartbeat(self, msg: Msg) -> None:
+        while True:
+            await asyncio.sleep(self.settings.ack_wait_s / 3)
+            await msg.in_progress()
+
+    async def _run(self, spec: TaskSpec[Any, Any], msg: Msg) -> None:
+        try:
+            request = _decode_request(msg.data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            # No workflow to answer: a dead letter, never redelivered.
+            log.error("dead letter on %s: %s (%r)", msg.subject, exc, msg.data[:200])
+            await msg.term()
+            return
+        with tracing.tracer().start_as_current_span(
+            f"{spec.name} process",
+            context=tracing.extract(msg.headers),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.destination.name": msg.subject,
+                "messaging.operation.type": "process",
+                "workflow.id": request.workflow_id,
+                "workflow.name": request.workflow,
+                "task.ref": request.ref,
+                "task.attempt": request.attempt,
+            },
+        ) as span:
+            started_at = utc_now()
+            heartbeat = asyncio.create_task(self._heartbeat(msg))
+            try:
+                # Raw embeds the handler's encoded result as it is, without a decode.
+                output = typing.cast(Json, msgspec.Raw(await spec.call(request.input)))
+                result = TaskResult(
+                    workflow_id=request.workflow_id,
+                    ref=request.ref,
+                    attempt=request.attempt,
+                    status="COMPLETED",
+                    output=output,
+                    started_at=started_at,
+                    worker=self.worker_id,
+                )
+            except Exception as exc:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+                deliveries = msg.metadata.num_delivered
+                if not _terminal(exc) and deliveries < self.settings.max_deliver:
+                    delay = (
+                        getattr(exc, "retry_after", None)
+                        or _BACKOFF_S[min(deliveries, len(_BACKOFF_S)) - 1]
+                    )
+                    log.warning(
+                        "%s failed (delivery %d), retry in %.0fs: %r",
+                        spec.name,
+                        deliveries,
+                        delay,
+                        exc,
+                    )
+                    await msg.nak(delay=delay)
+                    return
+                detail = error_detail(exc)
+                if detail.code >= 500:
+                    log.error("%s gave up after %d deliveries: %r", spec.name, deliveries, exc)
+                result = TaskResult(
+                    workflow_id=request.workflow_id,
+                    ref=request.ref,
+                    attempt=request.attempt,
+                    status="FAILED",
+                    started_at=started_at,
+                    worker=self.worker_id,
+                    error=Failure(
+                        type=detail.type,
+                        message=detail.message,
+                        code=detail.code,
+                        retryable=not _terminal(exc),
+                        task=spec.name,
+                    ),
+                )
+            finally:
+                heartbeat.cancel()
+            await self._reply(msg, request, result)
+
+    async def _reply(self, msg: Msg, request: TaskRequest, result: TaskResult) -> None:
+        assert self._js is not None
+        msg_id = (msg.headers or {}).get(
+            "Nats-Msg-Id"
+        ) or f"{request.workflow_id}:{request.ref}:{request.attempt}"
+        headers = tracing.inject({"Nats-Msg-Id": f"{msg_id}:result"})
+        try:
+            await self._js.publish(
+                f"results.{request.workflow_id}", _encode(result), headers=headers
+            )
+        except (TimeoutError, nats.errors.Error) as exc:
+            # Not stored, so not acked: the task comes back and its result is published then.
+            log.warning("result of %s not published (%s); will be redelivered", msg_id, exc)
+            with contextlib.suppress(nats.errors.Error):
+                await msg.nak(delay=1.0)
+            return
+        await msg.ack()
+
+
+def run_agent(
+    name: str, tasks: Sequence[TaskSpec[Any, Any]], *, version: str = "0.1.0", description: str = ""
+) -> None:
+    """The ``__main__`` of an agent service: settings from the environment, run until a signal."""
+
+    async def main(settings: Settings, stop: asyncio.Event) -> None:
+        nc = await connect(settings, name)
+        agent = Agent(name, tasks, settings, version=version, description=description)
+        await agent.start(nc)
+        await stop.wait()
+        await agent.stop()
+        await nc.drain()
+
+    run_service(name, main)

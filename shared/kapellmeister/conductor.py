@@ -1,0 +1,365 @@
+"""The conductor runtime: the thin shell around the pure decider.
+
+For every fact (a start request, a task result) it does five steps, in this order:
+
+1. **load** the saga and its KV revision (from this replica's cache when it has one);
+2. **decide**: ``decide(definition, state, fact)``, pure;
+3. **write** with compare-and-set (``kv.create`` for a new saga, else
+   ``kv.update(last=revision)``); on a conflict, reload and go back to 2, never
+   dropping the fact;
+4. **publish** the decision's commands with deterministic ``Nats-Msg-Id``s;
+5. **ack** the fact (or reply to the start request).
+
+A crash between any two steps is safe: before 3 nothing happened; between 3 and 5 the
+fact is redelivered, the decider recognises it and gives back the same commands, and
+JetStream drops the duplicate publishes. A start request that crashed after 3 is
+re-driven by the sweeper, which republishes the dispatch of every task still SCHEDULED
+in a non-terminal workflow updated within the dedupe window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import re
+import uuid
+from typing import Final
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import Service
+from opentelemetry.trace import SpanKind
+
+from kapellmeister import tracing
+from kapellmeister.config import Settings
+from kapellmeister.consumer import PullWorker
+from kapellmeister.decider import Decision, commands_caused_by, decide
+from kapellmeister.errors import BadRequest, WorkflowNotFound
+from kapellmeister.messages import (
+    TERMINAL,
+    Command,
+    Fact,
+    ListRequest,
+    PublishEvent,
+    RunTask,
+    Saga,
+    Started,
+    StartReply,
+    TaskCompleted,
+    TaskFailed,
+    TaskRequest,
+    TaskResult,
+    WorkflowSummaries,
+    WorkflowSummary,
+    utc_text,
+)
+from kapellmeister.micro import add_endpoint
+from kapellmeister.registry import Registry
+from kapellmeister.runtime import utc_now
+from kapellmeister.store import CasConflict, SagaStore
+from kapellmeister.topology import (
+    DEDUPE_WINDOW_S,
+    RESULTS,
+    ensure_buckets,
+    ensure_consumer,
+    ensure_streams,
+)
+
+__all__ = ["Conductor", "WORKFLOW_ID_PATTERN"]
+
+log = logging.getLogger("kapellmeister.conductor")
+
+# Ids appear in subjects (conductor.get.<id>) and KV keys: no dots, no spaces.
+WORKFLOW_ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9_=-]{1,128}$")
+_encode = msgspec.json.Encoder().encode
+_decode_json = msgspec.json.Decoder().decode
+_decode_result = msgspec.json.Decoder(TaskResult).decode
+_decode_list = msgspec.json.Decoder(ListRequest).decode
+
+
+class Conductor:
+    """Serves ``conductor.*`` requests and applies task results to sagas."""
+
+    def __init__(self, settings: Settings, registry: Registry, *, version: str = "0.1.0") -> None:
+        self.settings = settings
+        self.registry = registry
+        self.version = version
+        self.conflicts = 0
+        self._js: JetStreamContext | None = None
+        self._store: SagaStore | None = None
+        self._service: Service | None = None
+        self._worker: PullWorker | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def js(self) -> JetStreamContext:
+        assert self._js is not None, "start() first"
+        return self._js
+
+    @property
+    def store(self) -> SagaStore:
+        assert self._store is not None, "start() first"
+        return self._store
+
+    async def start(self, nc: Client) -> None:
+        """Create what is missing, then serve requests, consume results and sweep."""
+        settings = self.settings
+        self._js = nc.jetstream()
+        await ensure_streams(self._js, settings.replicas)
+        buckets = await ensure_buckets(self._js, settings.replicas)
+        self._store = SagaStore(buckets["workflows"])
+        durable = await ensure_consumer(
+            self._js, RESULTS, "results.>", ack_wait_s=settings.ack_wait_s, max_deliver=-1
+        )
+        sub = await self._js.pull_subscribe_bind(durable=durable, stream=RESULTS)
+        self._worker = PullWorker("conductor", sub, self._on_result, settings.concurrency)
+        self._worker.start()
+        service = await add_service(
+            nc,
+            name="conductor",
+            version=self.version,
+            description="kapellmeister conductor: workflows as sagas in KV",
+        )
+        await add_endpoint(service, "start", "conductor.start.*", self._on_start)
+        await add_endpoint(service, "get", "conductor.get.*", self._on_get)
+        await add_endpoint(service, "list", "conductor.list", self._on_list)
+        self._service = service
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+        log.info("conductor: serving %s", ", ".join(self.registry.names()))
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        if self._worker is not None:
+            await self._worker.stop(self.settings.ack_wait_s)
+        if self._service is not None:
+            await self._service.stop()
+
+    # --- the five steps -------------------------------------------------------------------
+
+    async def apply(self, fact: Fact) -> Decision:
+        """Load, decide and compare-and-set until the write lands or nothing changes."""
+        fresh = False
+        while True:
+            loaded = await self.store.load(fact.workflow_id, fresh=fresh)
+            state = loaded.state
+            if state is None and not isinstance(fact, Started):
+                return Decision(None, ())
+            definition = self.registry.get(
+                state.workflow if state else fact.workflow,  # type: ignore[union-attr]
+                state.version if state else fact.version,  # type: ignore[union-attr]
+            )
+            decision = decide(definition, state, fact)
+            if decision.state is state:
+                if not fresh and not decision.commands:
+                    # A no-op on a cached state may only mean the cache is behind.
+                    fresh = True
+                    continue
+                return decision
+            assert decision.state is not None
+            try:
+                await self.store.save(decision.state, loaded.revision)
+            except CasConflict:
+                self.conflicts += 1
+                fresh = True
+                continue
+            return decision
+
+    async def publish(self, state: Saga, commands: tuple[Command, ...]) -> None:
+        """Publish commands concurrently; JetStream dedupes each by its ``Nats-Msg-Id``."""
+        if commands:
+            await asyncio.gather(*(self._publish_one(state, c) for c in commands))
+
+    async def _publish_one(self, state: Saga, command: Command) -> None:
+        headers = tracing.inject({"Nats-Msg-Id": command.msg_id})
+        match command:
+            case RunTask():
+                request = TaskRequest(
+                    workflow_id=command.workflow_id,
+                    workflow=command.workflow,
+                    ref=command.ref,
+                    task=command.task,
+                    attempt=command.attempt,
+                    input=msgspec.Raw(_encode(command.input)),
+                )
+                await self.js.publish(f"tasks.{command.task}", _encode(request), headers=headers)
+            case PublishEvent():
+                await self.js.publish(command.subject, _encode(command.data), headers=headers)
+
+    # --- facts from the RESULTS stream --------------------------------------------------------
+
+    async def _on_result(self, msg: Msg) -> None:
+        try:
+            result = _decode_result(msg.data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            log.error("dead letter on %s: %s (%r)", msg.subject, exc, msg.data[:200])
+            await msg.term()
+            return
+        at = utc_text(msg.metadata.timestamp) if msg.metadata.timestamp else utc_now()
+        fact: Fact
+        if result.status == "COMPLETED" or result.error is None:
+            fact = TaskCompleted(
+                workflow_id=result.workflow_id,
+                ref=result.ref,
+                attempt=result.attempt,
+                output=result.output,
+                at=at,
+                started_at=result.started_at,
+                worker=result.worker,
+            )
+        else:
+            fact = TaskFailed(
+                workflow_id=result.workflow_id,
+                ref=result.ref,
+                attempt=result.attempt,
+                error=result.error,
+                at=at,
+                started_at=result.started_at,
+                worker=result.worker,
+            )
+        with tracing.tracer().start_as_current_span(
+            "conductor decide",
+            context=tracing.extract(msg.headers),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.destination.name": msg.subject,
+                "workflow.id": result.workflow_id,
+                "task.ref": result.ref,
+                "task.attempt": result.attempt,
+            },
+        ):
+            decision = await self.apply(fact)
+            if decision.state is not None:
+                await self.publish(decision.state, decision.commands)
+        await msg.ack()
+
+    # --- requests -----------------------------------------------------------------------------
+
+    async def _on_start(self, request: Request) -> bytes:
+        name = request.subject.split(".", 2)[2]
+        headers = request.headers or {}
+        version = _int_header(headers, "Workflow-Version")
+        definition = self.registry.get(name, version)
+        data = _decode_json(request.data or b"{}")
+        definition.validate_input(data)
+        workflow_id = headers.get("Workflow-Id") or str(uuid.uuid4())
+        if not WORKFLOW_ID_PATTERN.match(workflow_id):
+            raise BadRequest(
+                "Workflow-Id must be 1-128 of A-Z a-z 0-9 _ = - (it is used in subjects)"
+            )
+        with tracing.tracer().start_as_current_span(
+            f"workflow {name}",
+            context=tracing.extract(headers),
+            kind=SpanKind.SERVER,
+            attributes={
+                "messaging.system": "nats",
+                "workflow.id": workflow_id,
+                "workflow.name": name,
+            },
+        ):
+            fact = Started(
+                workflow_id=workflow_id,
+                workflow=definition.name,
+                version=definition.version,
+                input=data,
+                at=utc_now(),
+                tenant=headers.get("Tenant", ""),
+                trace_id=tracing.current_trace_id(),
+                traceparent=tracing.inject({}).get("traceparent", ""),
+            )
+            decision = await self.apply(fact)
+            assert decision.state is not None
+            if decision.state.status not in TERMINAL:
+                await self.publish(decision.state, decision.commands)
+        return _encode(
+            StartReply(workflow_id=decision.state.workflow_id, status=decision.state.status)
+        )
+
+    async def _on_get(self, request: Request) -> bytes:
+        workflow_id = request.subject.split(".", 2)[2]
+        try:
+            entry = await self.store.kv.get(workflow_id)
+        except KeyNotFoundError:
+            raise WorkflowNotFound(f"no workflow with id {workflow_id!r}") from None
+        return entry.value or b""
+
+    async def _on_list(self, request: Request) -> bytes:
+        query = _decode_list(request.data or b"{}")
+        found = [
+            WorkflowSummary(
+                workflow_id=s.workflow_id,
+                workflow=s.workflow,
+                version=s.version,
+                status=s.status,
+                tenant=s.tenant,
+                created_at=s.created_at,
+                updated_at=s.updated_at,
+            )
+            async for s in self.store.scan()
+            if (query.status is None or s.status == query.status)
+            and (query.workflow is None or s.workflow == query.workflow)
+        ]
+        found.sort(key=lambda s: s.created_at, reverse=True)
+        return _encode(WorkflowSummaries(workflows=found[: query.limit]))
+
+    # --- the sweeper ----------------------------------------------------------------------------
+
+    async def sweep(self) -> int:
+        """Republish the dispatch of every SCHEDULED task of recently updated running workflows.
+
+        Only workflows updated within the dedupe window are re-driven: there a republish
+        is certainly dropped as a duplicate if the first one went out. Returns how many
+        workflows were re-driven.
+        """
+        now = utc_now()
+        oldest = utc_text(_parse(now) - _seconds(DEDUPE_WINDOW_S * 0.8))
+        count = 0
+        async for state in self.store.scan():
+            if state.status in TERMINAL or state.updated_at < oldest:
+                continue
+            definition = self.registry.get(state.workflow, state.version)
+            causes = {t.cause for t in state.tasks if t.status == "SCHEDULED"}
+            commands = tuple(
+                c for cause in sorted(causes) for c in commands_caused_by(definition, state, cause)
+            )
+            if commands:
+                await self.publish(state, commands)
+                count += 1
+        return count
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                swept = await self.sweep()
+                if swept:
+                    log.info("sweeper re-drove %d workflows", swept)
+            except (TimeoutError, nats.errors.Error) as exc:
+                log.warning("sweep failed: %s", exc)
+            await asyncio.sleep(self.settings.sweep_interval_s)
+
+
+def _int_header(headers: dict[str, str], name: str) -> int | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise BadRequest(f"header {name} must be an integer, got {value!r}") from None
+
+
+def _parse(text: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _seconds(n: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=n)

@@ -1,0 +1,99 @@
+"""Settings from the environment, read once in ``__main__`` and passed down.
+
+Twelve-factor: ``NATS_URL`` and its credentials, the standard ``OTEL_*`` variables
+(read by the OpenTelemetry SDK itself), and ``KAPELLMEISTER_*`` for our own knobs.
+Nothing else in the library reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+__all__ = ["Settings"]
+
+_PREFIX = "KAPELLMEISTER_"
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything a service needs to connect and tune itself."""
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds_file: str | None = None
+    nkey_seed_file: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    # Replicas of streams and buckets this process creates (3 on a production cluster).
+    replicas: int = 1
+    # Tasks one agent process runs at once, facts one conductor process decides at once.
+    concurrency: int = 64
+    # Seconds JetStream waits for an ack before redelivering; agents heartbeat within it.
+    ack_wait_s: float = 30.0
+    # Deliveries of one task message before the agent gives up and fails the task.
+    max_deliver: int = 5
+    # How often the conductor's sweeper re-drives non-terminal workflows (seconds).
+    sweep_interval_s: float = 30.0
+    # Extra directories of definition files the conductor loads (os.pathsep-separated).
+    definitions: str = ""
+    # The directory the demo keeps its embedded server's JetStream data in.
+    data_dir: str = ".kapellmeister"
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read settings from ``environ`` (default: ``os.environ``).
+
+        Raises:
+            ValueError: a variable has the wrong type, naming the variable.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        if "NATS_URL" in env:
+            values["nats_url"] = env["NATS_URL"]
+        for field in cls.__struct_fields__:
+            name = _PREFIX + field.upper()
+            if name in env:
+                values[field] = env[name]
+        for short, field in (
+            ("NATS_USER", "user"),
+            ("NATS_PASSWORD", "password"),
+            ("NATS_TOKEN", "token"),
+            ("NATS_CREDS", "creds_file"),
+            ("NATS_NKEY", "nkey_seed_file"),
+            ("NATS_CA", "tls_ca_file"),
+            ("NATS_CERT", "tls_cert_file"),
+            ("NATS_KEY", "tls_key_file"),
+        ):
+            if short in env:
+                values.setdefault(field, env[short])
+        try:
+            return msgspec.convert(values, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"bad setting: {exc}") from exc
+
+    def connect_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``nats.connect`` from the credentials set."""
+        options: dict[str, Any] = {"servers": [s.strip() for s in self.nats_url.split(",")]}
+        if self.user is not None:
+            options["user"] = self.user
+            options["password"] = self.password or ""
+        if self.token is not None:
+            options["token"] = self.token
+        if self.creds_file is not None:
+            options["user_credentials"] = self.creds_file
+        if self.nkey_seed_file is not None:
+            options["nkeys_seed"] = self.nkey_seed_file
+        if self.tls_ca_file or self.tls_cert_file:
+            context = ssl.create_default_context(cafile=self.tls_ca_file)
+            if self.tls_cert_file:
+                context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+            options["tls"] = context
+        return options

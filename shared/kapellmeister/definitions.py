@@ -1,0 +1,361 @@
+"""The definitions language: workflow definitions as data, parsed, checked and compiled.
+
+A definition is YAML or JSON, decoded by msgspec into the structs below. What people
+write by hand rejects unknown fields, so a typo is an error with its path
+(``$.tasks[1].expresion``), not a silently ignored key. Netflix Conductor's field names
+(``taskReferenceName``, ``inputParameters``, ``decisionCases``, ``defaultCase``,
+``caseValueParam``, ``outputParameters``, ``DECISION``) are accepted as aliases and
+rewritten to ours before decoding.
+
+`compile_definition` turns a decoded `WorkflowDef` into a `Definition`: every template
+parsed once, every task indexed by ref, and the successor of each task precomputed, so
+the decider walks a table instead of the tree.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+import yaml
+
+from kapellmeister.errors import BadRequest, InvalidDefinition
+from kapellmeister.expressions import Compiled, ExpressionError, Json, compile_value, paths
+
+__all__ = [
+    "Definition",
+    "EventTask",
+    "RetryPolicy",
+    "SetVariableTask",
+    "SimpleTask",
+    "SwitchTask",
+    "TaskDef",
+    "TerminateTask",
+    "WorkflowDef",
+    "compile_definition",
+    "load_definition",
+    "load_definitions",
+    "parse_definition",
+]
+
+NAME_PATTERN: Final = r"^[A-Za-z0-9_-]{1,64}$"
+REF_PATTERN: Final = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+TASK_PATTERN: Final = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
+SUBJECT_PATTERN: Final = r"^events(\.[A-Za-z0-9_-]+)+$"
+RESERVED_REFS: Final = frozenset({"workflow", "event"})
+
+Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+Ref = Annotated[str, msgspec.Meta(pattern=REF_PATTERN)]
+TaskName = Annotated[str, msgspec.Meta(pattern=TASK_PATTERN)]
+EventSubject = Annotated[str, msgspec.Meta(pattern=SUBJECT_PATTERN)]
+PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class RetryPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How a failed task is tried again: ``count`` more attempts, spaced by ``logic``."""
+
+    count: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0
+    logic: Literal["FIXED", "EXPONENTIAL", "LINEAR"] = "FIXED"
+    delay_s: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+
+
+class _Task(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type"
+):
+    ref: Ref
+    description: str = ""
+
+
+class SimpleTask(_Task, tag="SIMPLE", frozen=True):
+    """Run an agent's task: published on ``tasks.<task>``, its result advances the saga."""
+
+    task: TaskName
+    input: dict[str, Json] = {}
+    retry: RetryPolicy = RetryPolicy()
+    timeout_s: PositiveSeconds | None = None
+    response_timeout_s: PositiveSeconds | None = None
+    timeout_policy: Literal["RETRY", "TIME_OUT_WF", "ALERT_ONLY"] = "TIME_OUT_WF"
+    optional: bool = False
+
+
+class SwitchTask(_Task, tag="SWITCH", frozen=True):
+    """Choose a branch by the JSON text of ``expression`` (``true``, ``ok``, ``3``)."""
+
+    expression: str
+    cases: dict[str, list[TaskDef]] = {}
+    default: list[TaskDef] = []
+
+
+class EventTask(_Task, tag="EVENT", frozen=True):
+    """Publish ``input`` to ``subject`` on the EVENTS stream, once."""
+
+    subject: EventSubject
+    input: dict[str, Json] = {}
+
+
+class TerminateTask(_Task, tag="TERMINATE", frozen=True):
+    """End the workflow now with this status and output."""
+
+    status: Literal["COMPLETED", "FAILED"] = "COMPLETED"
+    output: dict[str, Json] = {}
+    reason: str = ""
+
+
+class SetVariableTask(_Task, tag="SET_VARIABLE", frozen=True):
+    """Set ``workflow.variables.<key>`` for each key of ``input`` (Conductor's SET_VARIABLE)."""
+
+    input: dict[str, Json] = {}
+
+
+TaskDef = SimpleTask | SwitchTask | EventTask | TerminateTask | SetVariableTask
+
+
+class WorkflowDef(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A workflow definition as written (YAML or JSON)."""
+
+    name: Name
+    version: Annotated[int, msgspec.Meta(ge=1)] = 1
+    description: str = ""
+    input: dict[str, str] = {}
+    tasks: Annotated[list[TaskDef], msgspec.Meta(min_length=1)]
+    output: dict[str, Json] = {}
+    timeout_s: PositiveSeconds | None = None
+
+
+# Conductor's names for our fields. `name` is Conductor's task-definition name only when
+# the task also uses `taskReferenceName`; at the workflow level `name` is ours already.
+_ALIASES: Final = {
+    "taskReferenceName": "ref",
+    "inputParameters": "input",
+    "decisionCases": "cases",
+    "defaultCase": "default",
+    "outputParameters": "output",
+    "timeoutSeconds": "timeout_s",
+    "responseTimeoutSeconds": "response_timeout_s",
+    "timeoutPolicy": "timeout_policy",
+}
+_TYPE_ALIASES: Final = {"DECISION": "SWITCH"}
+
+
+def _normalize_task(raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        return raw
+    task = {_ALIASES.get(k, k): v for k, v in raw.items()}
+    if "taskReferenceName" in raw and "name" in task:
+        task.setdefault("task", task.pop("name"))
+    if isinstance(task.get("type"), str):
+        task["type"] = _TYPE_ALIASES.get(task["type"], task["type"])
+    param = task.pop("caseValueParam", None)
+    if isinstance(param, str) and "expression" not in task:
+        inputs = task.pop("input", {})
+        task["expression"] = inputs.get(param, "") if isinstance(inputs, dict) else ""
+    if isinstance(task.get("cases"), dict):
+        task["cases"] = {k: _normalize_tasks(v) for k, v in task["cases"].items()}
+    if "default" in task:
+        task["default"] = _normalize_tasks(task["default"])
+    return task
+
+
+def _normalize_tasks(raw: Any) -> Any:
+    return [_normalize_task(t) for t in raw] if isinstance(raw, list) else raw
+
+
+def _normalize(raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        return raw
+    workflow = {_ALIASES.get(k, k): v for k, v in raw.items()}
+    workflow.pop("schemaVersion", None)
+    if "tasks" in workflow:
+        workflow["tasks"] = _normalize_tasks(workflow["tasks"])
+    return workflow
+
+
+def parse_definition(data: bytes | str | Mapping[str, Any]) -> WorkflowDef:
+    """Decode a definition from YAML or JSON text, or an already parsed mapping.
+
+    Raises:
+        InvalidDefinition: the text does not parse or does not fit the language; the
+            message names the path (``$.tasks[0].task``).
+    """
+    if isinstance(data, bytes | str):
+        try:
+            raw = yaml.safe_load(data)
+        except yaml.YAMLError as exc:
+            raise InvalidDefinition(f"not YAML or JSON: {exc}") from exc
+    else:
+        raw = data
+    try:
+        return msgspec.convert(_normalize(raw), WorkflowDef)
+    except msgspec.ValidationError as exc:
+        raise InvalidDefinition(str(exc)) from exc
+
+
+_INPUT_TYPES: Final[dict[str, Any]] = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "bool": bool,
+    "datetime": datetime.datetime,
+    "date": datetime.date,
+    "list": list[Json],
+    "object": dict[str, Json],
+    "any": Json,
+}
+
+
+def _input_struct(name: str, schema: Mapping[str, str]) -> type[msgspec.Struct]:
+    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
+    for field, type_name in schema.items():
+        optional = type_name.endswith("?")
+        base = _INPUT_TYPES.get(type_name.removesuffix("?"))
+        if base is None:
+            known = ", ".join(sorted(_INPUT_TYPES))
+            raise InvalidDefinition(
+                f"unknown type {type_name!r} - at `$.input.{field}` (known: {known}, '?' suffix)"
+            )
+        fields.append((field, base | None, None) if optional else (field, base))
+    return msgspec.defstruct(f"{name}_input", fields, kw_only=True, forbid_unknown_fields=True)
+
+
+class Node(msgspec.Struct, frozen=True):
+    """One task of a compiled definition: its def, where it sits, what comes next."""
+
+    task: TaskDef
+    path: str
+    successor: str | None
+    templates: Mapping[str, Compiled]
+
+
+class Definition:
+    """A compiled, checked definition: what the decider reads. Build with `compile_definition`."""
+
+    def __init__(self, spec: WorkflowDef, nodes: dict[str, Node]) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.version = spec.version
+        self.nodes = nodes
+        self.first = spec.tasks[0].ref
+        self.output = _compile_output(spec)
+        self._input_type = _input_struct(spec.name, spec.input)
+
+    def validate_input(self, data: Json) -> None:
+        """Check a workflow input against the definition's ``input`` schema.
+
+        Raises:
+            BadRequest: with msgspec's path message, e.g. ``... - at `$.datetime```.
+        """
+        if not isinstance(data, dict):
+            raise BadRequest("workflow input must be a JSON object")
+        try:
+            msgspec.convert(data, self._input_type)
+        except msgspec.ValidationError as exc:
+            raise BadRequest(f"invalid input for {self.name}: {exc}") from exc
+
+    def __repr__(self) -> str:
+        return f"Definition({self.name!r}, version={self.version})"
+
+
+def _walk(
+    tasks: Sequence[TaskDef], path: str
+) -> Iterator[tuple[TaskDef, str, Sequence[TaskDef], int]]:
+    for i, task in enumerate(tasks):
+        here = f"{path}[{i}]"
+        yield task, here, tasks, i
+        if isinstance(task, SwitchTask):
+            for key, branch in task.cases.items():
+                yield from _walk(branch, f"{here}.cases.{key}")
+            yield from _walk(task.default, f"{here}.default")
+
+
+def _templates(task: TaskDef, path: str) -> dict[str, Compiled]:
+    try:
+        return _compile_templates(task)
+    except ExpressionError as exc:
+        raise InvalidDefinition(f"{exc} - at `{path}`") from exc
+
+
+def _compile_templates(task: TaskDef) -> dict[str, Compiled]:
+    match task:
+        case SimpleTask(input=data) | EventTask(input=data) | SetVariableTask(input=data):
+            return {"input": compile_value(dict(data))}
+        case TerminateTask(output=data):
+            return {"output": compile_value(dict(data))}
+        case SwitchTask(expression=expression):
+            return {"expression": compile_value(expression)}
+    return {}
+
+
+def compile_definition(spec: WorkflowDef) -> Definition:
+    """Index, link and statically check a decoded definition.
+
+    Raises:
+        InvalidDefinition: a duplicate or reserved ref, or an expression naming a task
+            ref the definition does not have; the message names the path.
+    """
+    _input_struct(spec.name, spec.input)
+    nodes: dict[str, Node] = {}
+    parents: dict[str, str | None] = {}
+    for task, path, siblings, index in _walk(spec.tasks, "tasks"):
+        if task.ref in RESERVED_REFS:
+            raise InvalidDefinition(f"ref {task.ref!r} is reserved - at `{path}.ref`")
+        if task.ref in nodes:
+            raise InvalidDefinition(f"duplicate ref {task.ref!r} - at `{path}.ref`")
+        following = siblings[index + 1].ref if index + 1 < len(siblings) else None
+        parents[task.ref] = following
+        nodes[task.ref] = Node(task, path, following, _templates(task, path))
+    # A branch's last task continues after its SWITCH: resolve successors upward.
+    owners = {
+        child.ref: task.ref
+        for task, _, _, _ in _walk(spec.tasks, "tasks")
+        if isinstance(task, SwitchTask)
+        for branch in (*task.cases.values(), task.default)
+        for child in branch
+    }
+    for ref, node in nodes.items():
+        successor, cursor = node.successor, ref
+        while successor is None and cursor in owners:
+            cursor = owners[cursor]
+            successor = parents[cursor]
+        nodes[ref] = msgspec.structs.replace(node, successor=successor)
+    _check_references(spec, nodes)
+    return Definition(spec, nodes)
+
+
+def _compile_output(spec: WorkflowDef) -> Compiled:
+    try:
+        return compile_value(dict(spec.output))
+    except ExpressionError as exc:
+        raise InvalidDefinition(f"{exc} - at `output`") from exc
+
+
+def _check_references(spec: WorkflowDef, nodes: Mapping[str, Node]) -> None:
+    known = set(nodes) | RESERVED_REFS
+    places = [
+        (f"{node.path}.{field}", c)
+        for node in nodes.values()
+        for field, c in node.templates.items()
+    ]
+    places.append(("output", _compile_output(spec)))
+    for place, compiled in places:
+        for path in paths(compiled):
+            if path[0] not in known:
+                raise InvalidDefinition(
+                    f"expression names unknown task ref {path[0]!r} - at `{place}`"
+                )
+
+
+def load_definition(path: Path) -> Definition:
+    """Read, parse and compile one definition file (``.yaml``, ``.yml`` or ``.json``)."""
+    try:
+        return compile_definition(parse_definition(path.read_bytes()))
+    except InvalidDefinition as exc:
+        raise InvalidDefinition(f"{path.name}: {exc.message}") from exc
+
+
+def load_definitions(directory: Path) -> list[Definition]:
+    """Read every definition file in a directory, sorted by file name."""
+    files = sorted(p for p in directory.iterdir() if p.suffix in {".yaml", ".yml", ".json"})
+    return [load_definition(p) for p in files]

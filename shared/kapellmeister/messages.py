@@ -1,0 +1,232 @@
+"""Every struct that crosses the wire or lands in the KV store.
+
+Two families with two rules (../STYLE.md, msgspec's schema evolution):
+
+* Messages between services (`TaskRequest`, `TaskResult`, facts, commands, the saga
+  state) ignore unknown fields and give new fields defaults, so replicas of different
+  versions keep working together.
+* What people send by hand (`StartReply` is ours, but `ListRequest` is theirs) rejects
+  unknown fields, so a typo is an error rather than a silently ignored key.
+
+Times are RFC 3339 UTC strings with millisecond precision (`utc_text`), produced by the
+runtimes and carried into the pure decider on facts.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Annotated, Literal
+
+import msgspec
+
+from kapellmeister.expressions import Json
+
+__all__ = [
+    "Command",
+    "Failure",
+    "Fact",
+    "Json",
+    "ListRequest",
+    "PublishEvent",
+    "RunTask",
+    "Saga",
+    "StartReply",
+    "Started",
+    "TaskCompleted",
+    "TaskFailed",
+    "TaskRecord",
+    "TaskRequest",
+    "TaskResult",
+    "TaskStatus",
+    "WorkflowStatus",
+    "WorkflowSummary",
+    "WorkflowSummaries",
+    "TERMINAL",
+    "utc_text",
+]
+
+WorkflowStatus = Literal["RUNNING", "PAUSED", "COMPLETED", "FAILED", "TIMED_OUT", "TERMINATED"]
+TaskStatus = Literal[
+    "SCHEDULED", "IN_PROGRESS", "COMPLETED", "FAILED", "TIMED_OUT", "SKIPPED", "CANCELED"
+]
+TERMINAL: frozenset[str] = frozenset({"COMPLETED", "FAILED", "TIMED_OUT", "TERMINATED"})
+
+
+def utc_text(moment: datetime.datetime) -> str:
+    """RFC 3339 UTC text with milliseconds: ``2026-11-23T10:00:00.123Z``."""
+    moment = moment.astimezone(datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+class Failure(msgspec.Struct, frozen=True, kw_only=True):
+    """Why a task or workflow failed: a stable slug, a message, the reply code."""
+
+    type: str
+    message: str
+    code: int = 500
+    retryable: bool = False
+    task: str | None = None
+
+
+# --- agent traffic -------------------------------------------------------------------
+
+
+class TaskRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Published on ``tasks.<task>``: run this task for this workflow, this attempt."""
+
+    workflow_id: str
+    workflow: str
+    ref: str
+    task: str
+    attempt: int
+    input: msgspec.Raw
+
+
+class TaskResult(msgspec.Struct, frozen=True, kw_only=True):
+    """Published by an agent on ``results.<workflow_id>`` when a task attempt ends."""
+
+    workflow_id: str
+    ref: str
+    attempt: int
+    status: Literal["COMPLETED", "FAILED"]
+    output: Json = None
+    error: Failure | None = None
+    started_at: str | None = None
+    worker: str = ""
+
+
+# --- the saga ------------------------------------------------------------------------
+
+
+class TaskRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One task of a workflow as it ran: readable in ``nats kv get workflows <id>``.
+
+    ``cause`` names the fact that scheduled this attempt, so a redelivered fact can give
+    back exactly the commands it produced the first time.
+    """
+
+    ref: str
+    name: str
+    type: str
+    status: TaskStatus
+    attempt: int = 1
+    input: Json = None
+    output: Json = None
+    error: Failure | None = None
+    scheduled_at: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    cause: str = ""
+    worker: str = ""
+
+
+class Saga(msgspec.Struct, frozen=True, kw_only=True):
+    """A workflow's whole state: the value of its key in the ``workflows`` bucket."""
+
+    workflow_id: str
+    workflow: str
+    version: int
+    status: WorkflowStatus
+    input: Json
+    output: Json = None
+    tenant: str = ""
+    created_at: str
+    updated_at: str
+    trace_id: str = ""
+    traceparent: str = ""
+    error: Failure | None = None
+    variables: dict[str, Json] = {}
+    tasks: tuple[TaskRecord, ...] = ()
+
+
+# --- facts: what happened, the decider's input -----------------------------------------
+
+
+class Started(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    workflow_id: str
+    workflow: str
+    version: int
+    input: Json
+    at: str
+    tenant: str = ""
+    trace_id: str = ""
+    traceparent: str = ""
+
+
+class TaskCompleted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    workflow_id: str
+    ref: str
+    attempt: int
+    output: Json
+    at: str
+    started_at: str | None = None
+    worker: str = ""
+
+
+class TaskFailed(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    workflow_id: str
+    ref: str
+    attempt: int
+    error: Failure
+    at: str
+    started_at: str | None = None
+    worker: str = ""
+
+
+Fact = Started | TaskCompleted | TaskFailed
+
+
+# --- commands: what to do, the decider's output ----------------------------------------
+
+
+class RunTask(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Publish a `TaskRequest` on ``tasks.<task>`` with ``Nats-Msg-Id: msg_id``."""
+
+    msg_id: str
+    workflow_id: str
+    workflow: str
+    ref: str
+    task: str
+    attempt: int
+    input: Json
+
+
+class PublishEvent(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Publish ``data`` on an ``events.…`` subject with ``Nats-Msg-Id: msg_id``."""
+
+    msg_id: str
+    subject: str
+    data: Json
+
+
+Command = RunTask | PublishEvent
+
+
+# --- the public request/reply payloads -------------------------------------------------
+
+
+class StartReply(msgspec.Struct, frozen=True):
+    workflow_id: str
+    status: WorkflowStatus
+
+
+class ListRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``conductor.list``: filters, all optional; newest first."""
+
+    status: WorkflowStatus | None = None
+    workflow: str | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
+
+
+class WorkflowSummary(msgspec.Struct, frozen=True):
+    workflow_id: str
+    workflow: str
+    version: int
+    status: WorkflowStatus
+    tenant: str
+    created_at: str
+    updated_at: str
+
+
+class WorkflowSummaries(msgspec.Struct, frozen=True):
+    workflows: list[WorkflowSummary]

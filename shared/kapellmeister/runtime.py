@@ -1,0 +1,88 @@
+"""Process plumbing every service shares: connect, run under uvloop, stop on a signal.
+
+A service's ``__main__`` reads `Settings` from the environment and hands `run_service`
+an ``async def main(settings, stop)``; ``stop`` is set on SIGTERM or SIGINT, after which
+the service drains its subscriptions and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+import nats
+from nats.aio.client import Client
+
+from kapellmeister.config import Settings
+from kapellmeister.messages import utc_text
+from kapellmeister.tracing import setup_tracing
+
+__all__ = ["ServiceMain", "connect", "run_service", "utc_now"]
+
+log = logging.getLogger("kapellmeister")
+
+ServiceMain = Callable[[Settings, asyncio.Event], Awaitable[None]]
+
+
+async def connect(settings: Settings, name: str) -> Client:
+    """Connect to NATS with the settings' credentials, retrying until it answers."""
+
+    client: list[Client] = []
+
+    async def disconnected() -> None:
+        if client and not (client[0].is_closed or client[0].is_draining):
+            log.warning("%s: disconnected from NATS", name)
+
+    async def reconnected() -> None:
+        log.info("%s: reconnected to NATS", name)
+
+    async def error(exc: Exception) -> None:
+        log.warning("%s: NATS error: %s", name, exc)
+
+    nc = await nats.connect(
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        allow_reconnect=True,
+        disconnected_cb=disconnected,
+        reconnected_cb=reconnected,
+        error_cb=error,
+        **settings.connect_options(),
+    )
+    client.append(nc)
+    return nc
+
+
+def utc_now() -> str:
+    """Now, as the RFC 3339 UTC text the saga state uses."""
+    return utc_text(datetime.datetime.now(datetime.UTC))
+
+
+def run_service(name: str, main: ServiceMain, settings: Settings | None = None) -> None:
+    """Run ``main`` until SIGTERM/SIGINT under uvloop; the container entrypoint."""
+    settings = settings or Settings.from_env()
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s {name} %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    setup_tracing(name)
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await main(settings, stop)
+
+    try:
+        import uvloop
+
+        uvloop.run(runner())
+    except ImportError:  # pragma: no cover - uvloop is not built for this platform
+        asyncio.run(runner())

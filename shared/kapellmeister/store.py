@@ -1,0 +1,97 @@
+"""Saga state in the ``workflows`` KV bucket: load with revision, create, compare-and-set.
+
+The KV revision is the workflow's lock. A writer names the revision it read
+(``kv.update(key, value, last=revision)``); if another replica wrote in between, JetStream
+refuses with ``KeyWrongLastSequenceError`` and the writer reloads and decides again.
+
+The store also keeps the last state and revision this process wrote or read per
+workflow, so a conductor that owns a workflow's traffic can try the CAS straight away
+and skip a read; a stale entry costs one failed CAS and a reload, never a wrong write.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+
+import msgspec
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from kapellmeister.messages import Saga
+
+__all__ = ["CasConflict", "SagaStore", "Versioned"]
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(Saga).decode
+
+
+class Versioned(msgspec.Struct, frozen=True):
+    """A saga and the KV revision it was read at (0 means: not stored yet)."""
+
+    state: Saga | None
+    revision: int
+
+
+class CasConflict(Exception):
+    """Another writer changed the saga since it was read: reload and decide again."""
+
+
+class SagaStore:
+    """The ``workflows`` bucket, with a small cache of what this process last saw."""
+
+    def __init__(self, kv: KeyValue, cache_size: int = 20_000) -> None:
+        self.kv = kv
+        self._cache: OrderedDict[str, Versioned] = OrderedDict()
+        self._cache_size = cache_size
+
+    def _remember(self, key: str, versioned: Versioned) -> None:
+        self._cache[key] = versioned
+        self._cache.move_to_end(key)
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    def forget(self, key: str) -> None:
+        self._cache.pop(key, None)
+
+    async def load(self, workflow_id: str, *, fresh: bool = False) -> Versioned:
+        """The saga and its revision; from the cache unless ``fresh``."""
+        if not fresh and (cached := self._cache.get(workflow_id)) is not None:
+            return cached
+        try:
+            entry = await self.kv.get(workflow_id)
+        except KeyNotFoundError:
+            return Versioned(None, 0)
+        versioned = Versioned(_decode(entry.value or b""), entry.revision or 0)
+        self._remember(workflow_id, versioned)
+        return versioned
+
+    async def save(self, state: Saga, revision: int) -> int:
+        """Write ``state`` if the stored revision is still ``revision`` (0: create).
+
+        Raises:
+            CasConflict: someone else wrote first; the cache entry is dropped.
+        """
+        key = state.workflow_id
+        try:
+            if revision == 0:
+                new_revision = await self.kv.create(key, _encode(state))
+            else:
+                new_revision = await self.kv.update(key, _encode(state), last=revision)
+        except KeyWrongLastSequenceError as exc:
+            self.forget(key)
+            raise CasConflict(key) from exc
+        self._remember(key, Versioned(state, new_revision))
+        return new_revision
+
+    async def scan(self) -> AsyncIterator[Saga]:
+        """Every stored saga, latest revision each (an ordered consumer over the bucket)."""
+        watcher = await self.kv.watchall(ignore_deletes=True)
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    break
+                if entry.value:
+                    yield _decode(entry.value)
+        finally:
+            await watcher.stop()

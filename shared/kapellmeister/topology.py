@@ -1,0 +1,162 @@
+"""The streams, buckets and consumers kapellmeister uses, created idempotently at start.
+
+Every setting is explicit here so that ``nats stream info`` shows what we chose on
+purpose, and any service may create them: the first one to start wins, the others find
+them as they are (a changed setting is applied with an update).
+
+=========  ============  ==========  ========================================================
+name       subjects      retention   why
+=========  ============  ==========  ========================================================
+EVENTS     events.>      limits      the public way in and out; kept 7 days for replay
+TASKS      tasks.>       work queue  a task message lives until an agent acks it
+RESULTS    results.>     work queue  a result lives until the conductor has applied it
+=========  ============  ==========  ========================================================
+
+All three dedupe by ``Nats-Msg-Id`` over a 10-minute window, which covers a crashed
+conductor's redelivery (ack wait 30 s) with room to spare.
+
+KV buckets: ``workflows`` (one key per workflow, 5 revisions kept so ``nats kv history``
+shows the last steps), ``definitions``, ``tasks`` (the agent registry), ``timers``.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.kv import KeyValue
+
+__all__ = [
+    "BUCKETS",
+    "EVENTS",
+    "RESULTS",
+    "TASKS",
+    "consumer_name",
+    "ensure_buckets",
+    "ensure_consumer",
+    "ensure_streams",
+]
+
+EVENTS: Final = "EVENTS"
+TASKS: Final = "TASKS"
+RESULTS: Final = "RESULTS"
+DEDUPE_WINDOW_S: Final = 600.0
+DAY_S: Final = 86_400.0
+
+BUCKETS: Final = {"workflows": 5, "definitions": 64, "tasks": 1, "timers": 1}
+
+
+def _streams(replicas: int) -> list[StreamConfig]:
+    common = {
+        "storage": StorageType.FILE,
+        "num_replicas": replicas,
+        "duplicate_window": DEDUPE_WINDOW_S,
+        "discard": DiscardPolicy.OLD,
+    }
+    return [
+        StreamConfig(
+            name=EVENTS,
+            subjects=["events.>"],
+            retention=RetentionPolicy.LIMITS,
+            max_age=7 * DAY_S,
+            description="Business events: the public way in and out",
+            **common,  # type: ignore[arg-type]
+        ),
+        StreamConfig(
+            name=TASKS,
+            subjects=["tasks.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            max_age=7 * DAY_S,
+            description="Task requests for agents, one consumer per task name",
+            **common,  # type: ignore[arg-type]
+        ),
+        StreamConfig(
+            name=RESULTS,
+            subjects=["results.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            max_age=7 * DAY_S,
+            description="Task results for the conductor",
+            **common,  # type: ignore[arg-type]
+        ),
+    ]
+
+
+async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
+    """Create or update the three streams with the settings above."""
+    for config in _streams(replicas):
+        name = config.name or ""
+        try:
+            info = await js.stream_info(name)
+        except NotFoundError:
+            try:
+                await js.add_stream(config)
+            except BadRequestError:
+                # Another service created it between our look and our create.
+                await js.update_stream(config)
+            continue
+        if (
+            info.config.duplicate_window != config.duplicate_window
+            or info.config.subjects != config.subjects
+        ):
+            await js.update_stream(config)
+
+
+async def ensure_buckets(js: JetStreamContext, replicas: int = 1) -> dict[str, KeyValue]:
+    """Create (or bind to) every KV bucket; returns them by name."""
+    buckets: dict[str, KeyValue] = {}
+    for name, history in BUCKETS.items():
+        try:
+            buckets[name] = await js.key_value(name)
+        except Exception:
+            buckets[name] = await js.create_key_value(
+                KeyValueConfig(
+                    bucket=name,
+                    history=history,
+                    storage=StorageType.FILE,
+                    replicas=replicas,
+                    description=f"kapellmeister {name}",
+                )
+            )
+    return buckets
+
+
+def consumer_name(subject: str) -> str:
+    """A durable consumer name for a subject: dots are not allowed in names."""
+    return subject.replace(".", "_").replace("*", "any").replace(">", "all")
+
+
+async def ensure_consumer(
+    js: JetStreamContext,
+    stream: str,
+    subject: str,
+    *,
+    ack_wait_s: float,
+    max_deliver: int,
+    backoff_s: list[float] | None = None,
+    max_ack_pending: int = 10_000,
+) -> str:
+    """Create or update the durable pull consumer for ``subject``; returns its name."""
+    durable = consumer_name(subject)
+    config = ConsumerConfig(
+        durable_name=durable,
+        filter_subject=subject,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=ack_wait_s,
+        max_deliver=max_deliver,
+        backoff=backoff_s,
+        max_ack_pending=max_ack_pending,
+    )
+    await js.add_consumer(stream, config)
+    return durable
