@@ -19,7 +19,7 @@ import nats.errors
 from kapellmeister.config import Settings
 from kapellmeister.runtime import connect
 
-__all__ = ["main"]
+__all__ = ["main", "request"]
 
 SERVICES = ("conductor", "weather", "agenda")
 

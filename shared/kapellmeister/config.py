@@ -56,12 +56,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
+        source: dict[str, str] = {}
         if "NATS_URL" in env:
-            values["nats_url"] = env["NATS_URL"]
+            values["nats_url"], source["nats_url"] = env["NATS_URL"], "NATS_URL"
         for field in cls.__struct_fields__:
             name = _PREFIX + field.upper()
             if name in env:
-                values[field] = env[name]
+                values[field], source[field] = env[name], name
         for short, field in (
             ("NATS_USER", "user"),
             ("NATS_PASSWORD", "password"),
@@ -72,12 +73,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ("NATS_CERT", "tls_cert_file"),
             ("NATS_KEY", "tls_key_file"),
         ):
-            if short in env:
-                values.setdefault(field, env[short])
+            if short in env and field not in values:
+                values[field], source[field] = env[short], short
         try:
             return msgspec.convert(values, cls, strict=False)
         except msgspec.ValidationError as exc:
-            raise ValueError(f"bad setting: {exc}") from exc
+            message = str(exc)
+            for field, name in source.items():
+                if message.endswith(f"`$.{field}`"):
+                    raise ValueError(f"{name}={env[name]!r}: {message}") from exc
+            raise ValueError(f"bad setting: {message}") from exc
 
     def connect_options(self) -> dict[str, Any]:
         """Keyword arguments for ``nats.connect`` from the credentials set."""

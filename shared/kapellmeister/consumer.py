@@ -46,6 +46,9 @@ class PullWorker:
             await asyncio.gather(self._loop, return_exceptions=True)
         if self._running:
             await asyncio.wait(self._running, timeout=grace_s)
+        # Messages a cancelled fetch left in the inbox are never handled; unsubscribing
+        # lets a later drain finish (they are redelivered after the ack wait).
+        await self._sub.unsubscribe()
 
     async def _pull(self) -> None:
         while True:

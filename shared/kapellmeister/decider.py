@@ -167,7 +167,9 @@ class _Draft:
             error=self.error,
             variables=self.variables,
             tasks=tuple(self.tasks.values()),
-            updated_at=self.at,
+            # Facts are stamped by different clocks (the conductor's, the stream's): never
+            # let a late-stamped fact move the saga's clock backwards.
+            updated_at=max(self.state.updated_at, self.at),
         )
 
 

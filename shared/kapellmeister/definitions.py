@@ -23,7 +23,14 @@ import msgspec
 import yaml
 
 from kapellmeister.errors import BadRequest, InvalidDefinition
-from kapellmeister.expressions import Compiled, ExpressionError, Json, compile_value, paths
+from kapellmeister.expressions import (
+    Compiled,
+    ExpressionError,
+    Json,
+    compile_value,
+    paths,
+    switch_key,
+)
 
 __all__ = [
     "Definition",
@@ -38,6 +45,7 @@ __all__ = [
     "compile_definition",
     "load_definition",
     "load_definitions",
+    "Node",
     "parse_definition",
 ]
 
@@ -144,16 +152,23 @@ def _normalize_task(raw: Any) -> Any:
     if not isinstance(raw, dict):
         return raw
     task = {_ALIASES.get(k, k): v for k, v in raw.items()}
-    if "taskReferenceName" in raw and "name" in task:
-        task.setdefault("task", task.pop("name"))
     if isinstance(task.get("type"), str):
         task["type"] = _TYPE_ALIASES.get(task["type"], task["type"])
+    if "taskReferenceName" in raw and "name" in task:
+        # Conductor names every task; only a SIMPLE task's name is the agent's task.
+        name = task.pop("name")
+        if task.get("type") == "SIMPLE":
+            task.setdefault("task", name)
     param = task.pop("caseValueParam", None)
     if isinstance(param, str) and "expression" not in task:
         inputs = task.pop("input", {})
         task["expression"] = inputs.get(param, "") if isinstance(inputs, dict) else ""
     if isinstance(task.get("cases"), dict):
-        task["cases"] = {k: _normalize_tasks(v) for k, v in task["cases"].items()}
+        # YAML reads `true:` or `3:` as a bool or an int; a case key is the JSON text.
+        task["cases"] = {
+            k if isinstance(k, str) else switch_key(k): _normalize_tasks(v)
+            for k, v in task["cases"].items()
+        }
     if "default" in task:
         task["default"] = _normalize_tasks(task["default"])
     return task

@@ -82,6 +82,18 @@ class ServiceProcess:
         self._close()
         return process.returncode
 
+    def pause(self) -> None:
+        """SIGSTOP: frozen mid-flight, as a stalled host (crash tests)."""
+        if self.alive():
+            assert self.process is not None
+            self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after `pause`."""
+        if self.alive():
+            assert self.process is not None
+            self.process.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL, as a crash: no drain, no goodbye."""
         if self.process is not None and self.process.poll() is None:

@@ -1,0 +1,369 @@
+"""The conductor runtime against a real nats-server, with the agents in the same process."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from kapellmeister.agent import Agent, task
+from kapellmeister.conductor import Conductor
+from kapellmeister.decider import decide
+from kapellmeister.messages import Started, TaskCompleted
+from kapellmeister.runtime import utc_now
+from kapellmeister.topology import EVENTS, TASKS
+from services.agenda.handlers import activity
+from services.conductor.__main__ import registry
+from services.weather.handlers import report
+from tests.support import (
+    assert_error,
+    body,
+    call,
+    expected_activity,
+    saga,
+    stream_messages,
+    wait_finished,
+)
+
+RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+FREE_SATURDAY: dict[str, Any] = {"user": "ann", "datetime": "2026-11-21T12:00:00"}
+WORKDAY: dict[str, Any] = {"user": "bob", "datetime": "2026-11-23T10:00:00"}
+
+
+@pytest.fixture
+async def conductor(nc, settings):
+    conductor = Conductor(settings, registry())
+    await conductor.start(nc)
+    yield conductor
+    await conductor.stop()
+
+
+@pytest.fixture
+async def stack(nc, settings, conductor):
+    agents = [
+        Agent("weather", [task("weather.report", report)], settings),
+        Agent("agenda", [task("agenda.activity", activity)], settings),
+    ]
+    for agent in agents:
+        await agent.start(nc)
+    yield conductor
+    for agent in agents:
+        await agent.stop()
+
+
+async def start(nc, payload, headers=None) -> str:
+    reply = await call(nc, "conductor.start.plan_day", payload, headers)
+    data = body(reply)
+    assert data["status"] == "RUNNING", data
+    return str(data["workflow_id"])
+
+
+async def kv_revisions(js) -> int:
+    return int((await js.stream_info("KV_workflows")).state.last_seq)
+
+
+async def test_plan_day_on_a_free_saturday_asks_the_weather(nc, js, stack):
+    workflow_id = await start(nc, FREE_SATURDAY)
+    state = (await wait_finished(js, [workflow_id]))[workflow_id]
+    chosen = await expected_activity(FREE_SATURDAY["datetime"])
+    assert state["status"] == "COMPLETED"
+    assert state["output"] == {"activity": chosen}
+    refs = [t["ref"] for t in state["tasks"]]
+    assert refs[:4] == ["agenda", "is_free", "weather", "is_wet"]
+    assert refs[-2:] == [chosen, "notify"]
+    events = await stream_messages(js, EVENTS, "events.activity.chosen")
+    assert [msgspec.json.decode(e.data or b"") for e in events] == [
+        {"user": "ann", "activity": chosen, "workflow_id": workflow_id}
+    ]
+
+
+async def test_plan_day_on_a_workday_does_not_ask_the_weather(nc, js, stack):
+    workflow_id = await start(nc, WORKDAY)
+    state = (await wait_finished(js, [workflow_id]))[workflow_id]
+    assert state["output"] == {"activity": "work"}
+    assert "weather" not in [t["ref"] for t in state["tasks"]]
+
+
+async def test_saga_state_is_readable_json_with_the_contract_fields(nc, js, stack):
+    workflow_id = await start(nc, FREE_SATURDAY, {"Tenant": "acme"})
+    await wait_finished(js, [workflow_id])
+    state = body(await call(nc, f"conductor.get.{workflow_id}"))
+    assert state == await saga(js, workflow_id)  # `nats kv get workflows <id>` says the same
+    for field in (
+        "workflow_id",
+        "workflow",
+        "version",
+        "status",
+        "input",
+        "output",
+        "tenant",
+        "created_at",
+        "updated_at",
+        "trace_id",
+        "error",
+        "tasks",
+    ):
+        assert field in state
+    assert (state["workflow"], state["version"], state["tenant"]) == ("plan_day", 1, "acme")
+    assert state["input"] == FREE_SATURDAY
+    assert re.fullmatch(r"[0-9a-f]{32}", state["trace_id"])
+    agenda = state["tasks"][0]
+    assert agenda["name"] == "agenda.activity"
+    assert agenda["attempt"] == 1
+    assert agenda["input"] == {"datetime": FREE_SATURDAY["datetime"]}
+    assert agenda["output"] == {"activity": "free"}
+    for stamp in ("scheduled_at", "started_at", "ended_at"):
+        assert RFC3339_MS.match(agenda[stamp]), agenda[stamp]
+    assert state["created_at"] <= agenda["ended_at"] <= state["updated_at"]
+
+
+async def test_traceparent_header_sets_the_workflow_trace(nc, js, stack):
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    headers = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+    workflow_id = await start(nc, WORKDAY, headers)
+    state = (await wait_finished(js, [workflow_id]))[workflow_id]
+    assert state["trace_id"] == trace_id
+
+
+@pytest.mark.parametrize(
+    ("subject", "payload", "headers", "code", "fragment"),
+    [
+        ("conductor.start.plan_day", b"{oops", None, 400, "malformed JSON"),
+        ("conductor.start.plan_day", b"[1, 2]", None, 400, "JSON object"),
+        (
+            "conductor.start.plan_day",
+            {"user": 3, "datetime": "2026-11-21T12:00:00"},
+            None,
+            400,
+            "$.user",
+        ),
+        ("conductor.start.plan_day", {"user": "ann"}, None, 400, "datetime"),
+        (
+            "conductor.start.plan_day",
+            {**FREE_SATURDAY, "extra": 1},
+            None,
+            400,
+            "unknown field `extra`",
+        ),
+        (
+            "conductor.start.plan_day",
+            {"user": "ann", "datetime": "2026-13-45T99:00:00"},
+            None,
+            400,
+            "$.datetime",
+        ),
+        (
+            "conductor.start.plan_day",
+            {"user": "ann", "datetime": "tomorrow"},
+            None,
+            400,
+            "$.datetime",
+        ),
+        ("conductor.start.plan_day", FREE_SATURDAY, {"Workflow-Id": "has.dot"}, 400, "Workflow-Id"),
+        (
+            "conductor.start.plan_day",
+            FREE_SATURDAY,
+            {"Workflow-Version": "x"},
+            400,
+            "Workflow-Version",
+        ),
+        ("conductor.start.plan_day", FREE_SATURDAY, {"Workflow-Version": "9"}, 404, "no version 9"),
+        ("conductor.start.nope", FREE_SATURDAY, None, 404, "nope"),
+        ("conductor.get.unknown-id", b"", None, 404, "unknown-id"),
+        ("conductor.list", {"statu": "RUNNING"}, None, 400, "statu"),
+        ("conductor.list", {"status": "DONE"}, None, 400, "$.status"),
+        ("conductor.list", {"limit": 0}, None, 400, "$.limit"),
+    ],
+)
+async def test_bad_requests_get_an_error_and_change_nothing(
+    nc, js, conductor, subject, payload, headers, code, fragment
+):
+    before = await kv_revisions(js)
+    error = assert_error(await call(nc, subject, payload, headers), code)
+    assert fragment in error["message"]
+    assert await kv_revisions(js) == before
+    assert (await js.stream_info(TASKS)).state.last_seq == 0
+    reply = await call(nc, "conductor.start.plan_day", WORKDAY)  # and it keeps serving
+    assert body(reply)["status"] == "RUNNING"
+
+
+async def test_start_with_workflow_id_is_idempotent(nc, js, stack):
+    headers = {"Workflow-Id": "day-ann-1"}
+    first = body(await call(nc, "conductor.start.plan_day", FREE_SATURDAY, headers))
+    assert first == {"workflow_id": "day-ann-1", "status": "RUNNING"}
+    await wait_finished(js, ["day-ann-1"])
+    dispatched = (await js.stream_info(TASKS)).state.last_seq
+    again = body(await call(nc, "conductor.start.plan_day", WORKDAY, headers))
+    assert again == {"workflow_id": "day-ann-1", "status": "COMPLETED"}
+    assert (await js.stream_info(TASKS)).state.last_seq == dispatched
+    assert (await saga(js, "day-ann-1"))["input"] == FREE_SATURDAY
+
+
+async def test_list_is_newest_first_and_filters(nc, js, stack):
+    ids = [await start(nc, WORKDAY) for _ in range(3)]
+    await wait_finished(js, ids)
+    listed = body(await call(nc, "conductor.list", {}))["workflows"]
+    assert [w["workflow_id"] for w in listed] == ids[::-1]
+    assert set(listed[0]) == {
+        "workflow_id",
+        "workflow",
+        "version",
+        "status",
+        "tenant",
+        "created_at",
+        "updated_at",
+    }
+    assert body(await call(nc, "conductor.list", {"status": "RUNNING"}))["workflows"] == []
+    limited = body(await call(nc, "conductor.list", {"workflow": "plan_day", "limit": 2}))[
+        "workflows"
+    ]
+    assert [w["workflow_id"] for w in limited] == ids[:0:-1]
+    assert body(await call(nc, "conductor.list", b""))["workflows"]  # no body at all is fine
+
+
+async def test_two_conductors_racing_on_one_fact_write_once(nc, settings, js):
+    definitions = registry()
+    one, two = Conductor(settings, definitions), Conductor(settings, definitions)
+    for conductor in (one, two):
+        await conductor.start(nc)
+    try:
+        started = Started(
+            workflow_id="race",
+            workflow="plan_day",
+            version=1,
+            input=FREE_SATURDAY,
+            at="2026-11-21T12:00:00.000Z",
+        )
+        decisions = await asyncio.gather(one.apply(started), two.apply(started))
+        assert decisions[0].state == decisions[1].state
+        assert decisions[0].commands == decisions[1].commands
+        before = await kv_revisions(js)
+        fact = TaskCompleted(
+            workflow_id="race",
+            ref="agenda",
+            attempt=1,
+            output={"activity": "free"},
+            at="2026-11-21T12:00:01.000Z",
+        )
+        results = await asyncio.gather(one.apply(fact), two.apply(fact))
+        assert await kv_revisions(js) == before + 1  # applied once
+        assert results[0].commands == results[1].commands  # the loser re-decided on the new state
+        assert [c.msg_id for c in results[0].commands] == ["race:weather:1"]
+    finally:
+        for conductor in (one, two):
+            await conductor.stop()
+
+
+async def test_a_stale_cache_costs_a_conflict_never_a_lost_fact(nc, settings, js):
+    definitions = registry()
+    one, two = Conductor(settings, definitions), Conductor(settings, definitions)
+    for conductor in (one, two):
+        await conductor.start(nc)
+    try:
+        await one.apply(
+            Started(
+                workflow_id="stale",
+                workflow="plan_day",
+                version=1,
+                input=FREE_SATURDAY,
+                at="2026-11-21T12:00:00.000Z",
+            )
+        )
+        await two.store.load("stale")  # `two` caches the first revision: agenda SCHEDULED
+        agenda = TaskCompleted(
+            workflow_id="stale",
+            ref="agenda",
+            attempt=1,
+            output={"activity": "free"},
+            at="2026-11-21T12:00:01.000Z",
+        )
+        first = await one.apply(agenda)
+        before = await kv_revisions(js)
+        late = await two.apply(agenda)  # decided on the stale copy, CAS refused, re-decided
+        assert two.conflicts == 1
+        assert await kv_revisions(js) == before
+        assert late.commands == first.commands
+        # A fact the stale copy cannot place (weather was not scheduled there) is not dropped.
+        await two.store.load("stale")
+        await one.apply(
+            TaskCompleted(
+                workflow_id="stale",
+                ref="weather",
+                attempt=1,
+                output={"rain": True, "snow": False, "temperature": 9},
+                at="2026-11-21T12:00:02.000Z",
+            )
+        )
+        state = await saga(js, "stale")
+        assert state["status"] == "COMPLETED"
+        assert state["output"] == {"activity": "code_for_fun"}
+    finally:
+        for conductor in (one, two):
+            await conductor.stop()
+
+
+async def test_a_fact_unknown_to_a_stale_cache_is_reloaded_not_dropped(nc, settings, js):
+    definitions = registry()
+    one, two = Conductor(settings, definitions), Conductor(settings, definitions)
+    for conductor in (one, two):
+        await conductor.start(nc)
+    try:
+        await one.apply(
+            Started(
+                workflow_id="behind",
+                workflow="plan_day",
+                version=1,
+                input=FREE_SATURDAY,
+                at="2026-11-21T12:00:00.000Z",
+            )
+        )
+        await two.store.load("behind")  # agenda SCHEDULED, no weather task yet
+        await one.apply(
+            TaskCompleted(
+                workflow_id="behind",
+                ref="agenda",
+                attempt=1,
+                output={"activity": "free"},
+                at="2026-11-21T12:00:01.000Z",
+            )
+        )
+        decision = await two.apply(
+            TaskCompleted(
+                workflow_id="behind",
+                ref="weather",
+                attempt=1,
+                output={"rain": False, "snow": False, "temperature": 9},
+                at="2026-11-21T12:00:02.000Z",
+            )
+        )
+        assert decision.state is not None
+        assert decision.state.status == "COMPLETED"
+        assert (await saga(js, "behind"))["output"] == {"activity": "run"}
+    finally:
+        for conductor in (one, two):
+            await conductor.stop()
+
+
+async def test_sweeper_redrives_a_start_that_crashed_before_publishing(nc, js, settings, stack):
+    # The saga was written but its first task never published (a crash between steps 3 and 4).
+    fact = Started(
+        workflow_id="orphan", workflow="plan_day", version=1, input=WORKDAY, at=utc_now()
+    )
+    decision = decide(registry().get("plan_day"), None, fact)
+    assert decision.state is not None
+    await stack.store.save(decision.state, 0)
+    assert await stack.sweep() >= 1
+    state = (await wait_finished(js, ["orphan"]))["orphan"]
+    assert state["output"] == {"activity": "work"}
+
+
+def test_shipped_definitions_load(tmp_path: Path):
+    assert registry().names() == ["plan_day"]
+    (tmp_path / "extra.yaml").write_text(
+        "name: extra\ntasks:\n  - {ref: t, type: SIMPLE, task: weather.report}\n"
+    )
+    assert registry(str(tmp_path)).names() == ["extra", "plan_day"]

@@ -1,0 +1,134 @@
+"""Helpers the integration and end-to-end tests share: requests as the nats CLI sends them."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
+from nats.js.errors import KeyNotFoundError, NotFoundError
+
+from kapellmeister.messages import TERMINAL
+from services.agenda.handlers import ActivityRequest
+from services.agenda.handlers import activity as agenda_activity
+from services.weather.handlers import ReportRequest
+from services.weather.handlers import report as weather_report
+
+
+def encode(payload: Any) -> bytes:
+    return payload if isinstance(payload, bytes) else msgspec.json.encode(payload)
+
+
+async def call(
+    nc: Client,
+    subject: str,
+    payload: Any = b"",
+    headers: dict[str, str] | None = None,
+    timeout: float = 10.0,
+) -> Msg:
+    """A request exactly as `nats req <subject> '<json>'` sends it."""
+    return await nc.request(subject, encode(payload), timeout=timeout, headers=headers)
+
+
+def body(msg: Msg) -> Any:
+    return msgspec.json.decode(msg.data)
+
+
+def assert_error(msg: Msg, code: int, kind: str | None = None) -> dict[str, Any]:
+    """The reply is a NATS micro error with this code: headers and JSON body agree."""
+    headers = msg.headers or {}
+    assert headers.get("Nats-Service-Error-Code") == str(code), (headers, msg.data)
+    assert headers.get("Nats-Service-Error")
+    error = body(msg)["error"]
+    assert error["code"] == code
+    assert error["message"] == headers["Nats-Service-Error"]
+    if kind is not None:
+        assert error["type"] == kind
+    return dict(error)
+
+
+async def find_saga(js: JetStreamContext, workflow_id: str) -> dict[str, Any] | None:
+    """The workflow's KV value, as `nats kv get workflows <id>` shows it (None if absent)."""
+    kv = await js.key_value("workflows")
+    try:
+        entry = await kv.get(workflow_id)
+    except KeyNotFoundError:
+        return None
+    return dict(msgspec.json.decode(entry.value or b"{}"))
+
+
+async def saga(js: JetStreamContext, workflow_id: str) -> dict[str, Any]:
+    state = await find_saga(js, workflow_id)
+    assert state is not None, f"no workflow {workflow_id}"
+    return state
+
+
+async def wait_finished(
+    js: JetStreamContext, workflow_ids: list[str], timeout: float = 60.0
+) -> dict[str, dict[str, Any]]:
+    """Poll the workflows bucket until every workflow is terminal; their states."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    states: dict[str, dict[str, Any]] = {}
+    pending = list(workflow_ids)
+    while pending:
+        for workflow_id in list(pending):
+            state = await find_saga(js, workflow_id)
+            if state is not None and state["status"] in TERMINAL:
+                states[workflow_id] = state
+                pending.remove(workflow_id)
+        if pending:
+            if loop.time() > deadline:
+                raise AssertionError(f"{len(pending)} workflows not finished, e.g. {pending[:3]}")
+            await asyncio.sleep(0.1)
+    return states
+
+
+async def expected_activity(when: str) -> str:
+    """What plan_day must choose for this datetime, from the agents' own handlers."""
+    planned = (await agenda_activity(ActivityRequest(datetime=when))).activity
+    if planned != "free":
+        return planned
+    weather = await weather_report(ReportRequest(date=when))
+    return "code_for_fun" if weather.rain or weather.snow else "run"
+
+
+async def stream_messages(js: JetStreamContext, stream: str, subject: str) -> list[RawStreamMsg]:
+    """Every message stored in ``stream`` on ``subject`` (direct gets: works on work queues too)."""
+    try:
+        info = await js.stream_info(stream)
+    except NotFoundError:
+        return []
+    messages: list[RawStreamMsg] = []
+    seq = info.state.first_seq
+    while seq <= info.state.last_seq:
+        try:
+            msg = await js.get_msg(stream, seq=seq, subject=subject, next=True)
+        except NotFoundError:
+            break
+        messages.append(msg)
+        seq = (msg.seq or seq) + 1
+    return messages
+
+
+def days(count: int) -> list[tuple[str, str]]:
+    """``count`` (user, datetime) inputs covering weekdays, weekends and every hour."""
+    start = datetime.datetime(2026, 11, 16)
+    return [
+        (f"user{i}", (start + datetime.timedelta(hours=7 * i + 3)).strftime("%Y-%m-%dT%H:%M:%S"))
+        for i in range(count)
+    ]
+
+
+def free_days(count: int) -> list[tuple[str, str]]:
+    """``count`` inputs at hours the agenda says are free, so each workflow asks the weather."""
+    first_saturday = datetime.datetime(2026, 1, 3, 12)
+    return [
+        (f"free{i}", (first_saturday + datetime.timedelta(weeks=i)).strftime("%Y-%m-%dT%H:%M:%S"))
+        for i in range(count)
+    ]
