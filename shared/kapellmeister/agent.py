@@ -43,7 +43,7 @@ from nats.js import JetStreamContext
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind
 
 from kapellmeister import tracing
 from kapellmeister.config import Settings
@@ -137,6 +137,8 @@ class Agent:
         self.version = version
         self.description = description or f"kapellmeister agent {name}"
         self._workers: list[PullWorker] = []
+        self._working: dict[int, Msg] = {}  # by id(): nats-py's Msg is not hashable
+        self._heartbeats: asyncio.Task[None] | None = None
         self._service: Service | None = None
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
@@ -152,8 +154,9 @@ class Agent:
         )
         for spec in self.tasks:
             await buckets["tasks"].put(spec.name, _encode(spec.registration(self.name)))
+            endpoint = spec.name.rsplit(".", 1)[-1]
             await add_endpoint(
-                self._service, spec.name.rsplit(".", 1)[-1], spec.name, self._direct(spec)
+                self._service, endpoint, spec.name, self._direct(spec), settings.concurrency
             )
             subject = f"tasks.{spec.name}"
             durable = await ensure_consumer(
@@ -163,17 +166,24 @@ class Agent:
                 ack_wait_s=settings.ack_wait_s,
                 max_deliver=settings.max_deliver,
             )
-            sub = await self._js.pull_subscribe_bind(durable=durable, stream=TASKS)
             worker = PullWorker(
-                spec.name, sub, functools.partial(self._run, spec), settings.concurrency
+                spec.name,
+                nc,
+                TASKS,
+                durable,
+                functools.partial(self._run, spec),
+                settings.concurrency,
             )
-            worker.start()
+            await worker.start()
             self._workers.append(worker)
+        self._heartbeats = asyncio.create_task(self._heartbeat())
         log.info("%s: serving %s", self.name, ", ".join(s.name for s in self.tasks))
 
     async def stop(self) -> None:
         """Stop pulling, let running tasks finish (their results get published), stop serving."""
         await asyncio.gather(*(w.stop(self.settings.ack_wait_s) for w in self._workers))
+        if self._heartbeats is not None:
+            self._heartbeats.cancel()
         if self._service is not None:
             await self._service.stop()
 
@@ -182,22 +192,21 @@ class Agent:
         return f"{self.name}/{self._service.id if self._service else '?'}"
 
     def _direct(self, spec: TaskSpec[Any, Any]) -> Callable[[Request], Awaitable[bytes]]:
+        attributes = {"messaging.system": "nats", "messaging.destination.name": spec.name}
+
         async def handle(request: Request) -> bytes:
-            context = tracing.extract(request.headers)
-            with tracing.tracer().start_as_current_span(
-                f"{spec.name} process",
-                context=context,
-                kind=SpanKind.SERVER,
-                attributes={"messaging.system": "nats", "messaging.destination.name": spec.name},
-            ):
+            with tracing.step(f"{spec.name} process", request.headers, SpanKind.SERVER, attributes):
                 return await spec.call(request.data)
 
         return handle
 
-    async def _heartbeat(self, msg: Msg) -> None:
+    async def _heartbeat(self) -> None:
+        """Every third of the ack wait, tell JetStream each running task is still alive."""
         while True:
             await asyncio.sleep(self.settings.ack_wait_s / 3)
-            await msg.in_progress()
+            for msg in list(self._working.values()):
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.in_progress()
 
     async def _run(self, spec: TaskSpec[Any, Any], msg: Msg) -> None:
         try:
@@ -207,83 +216,73 @@ class Agent:
             log.error("dead letter on %s: %s (%r)", msg.subject, exc, msg.data[:200])
             await msg.term()
             return
-        with tracing.tracer().start_as_current_span(
-            f"{spec.name} process",
-            context=tracing.extract(msg.headers),
-            kind=SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "nats",
-                "messaging.destination.name": msg.subject,
-                "messaging.operation.type": "process",
-                "workflow.id": request.workflow_id,
-                "workflow.name": request.workflow,
-                "task.ref": request.ref,
-                "task.attempt": request.attempt,
-            },
-        ) as span:
-            started_at = utc_now()
-            heartbeat = asyncio.create_task(self._heartbeat(msg))
+        attributes: dict[str, str | int] = {
+            "messaging.system": "nats",
+            "messaging.destination.name": msg.subject,
+            "messaging.operation.type": "process",
+            "workflow.id": request.workflow_id,
+            "workflow.name": request.workflow,
+            "task.ref": request.ref,
+            "task.attempt": request.attempt,
+        }
+        with tracing.step(
+            f"{spec.name} process", msg.headers, SpanKind.CONSUMER, attributes
+        ) as trace:
+            result = TaskResult(
+                workflow_id=request.workflow_id,
+                ref=request.ref,
+                attempt=request.attempt,
+                status="COMPLETED",
+                started_at=utc_now(),
+                worker=self.worker_id,
+            )
+            self._working[id(msg)] = msg
             try:
                 # Raw embeds the handler's encoded result as it is, without a decode.
                 output = typing.cast(Json, msgspec.Raw(await spec.call(request.input)))
-                result = TaskResult(
-                    workflow_id=request.workflow_id,
-                    ref=request.ref,
-                    attempt=request.attempt,
-                    status="COMPLETED",
-                    output=output,
-                    started_at=started_at,
-                    worker=self.worker_id,
-                )
+                result = msgspec.structs.replace(result, output=output)
             except Exception as exc:
-                span.record_exception(exc)
-                span.set_status(Status(StatusCode.ERROR, str(exc)))
-                deliveries = msg.metadata.num_delivered
-                if not _terminal(exc) and deliveries < self.settings.max_deliver:
-                    delay = (
-                        getattr(exc, "retry_after", None)
-                        or _BACKOFF_S[min(deliveries, len(_BACKOFF_S)) - 1]
-                    )
-                    log.warning(
-                        "%s failed (delivery %d), retry in %.0fs: %r",
-                        spec.name,
-                        deliveries,
-                        delay,
-                        exc,
-                    )
-                    await msg.nak(delay=delay)
+                tracing.record_error(exc)
+                if await self._retry_later(spec, msg, exc):
                     return
                 detail = error_detail(exc)
-                if detail.code >= 500:
-                    log.error("%s gave up after %d deliveries: %r", spec.name, deliveries, exc)
-                result = TaskResult(
-                    workflow_id=request.workflow_id,
-                    ref=request.ref,
-                    attempt=request.attempt,
-                    status="FAILED",
-                    started_at=started_at,
-                    worker=self.worker_id,
-                    error=Failure(
-                        type=detail.type,
-                        message=detail.message,
-                        code=detail.code,
-                        retryable=not _terminal(exc),
-                        task=spec.name,
-                    ),
+                failure = Failure(
+                    type=detail.type,
+                    message=detail.message,
+                    code=detail.code,
+                    retryable=not _terminal(exc),
+                    task=spec.name,
                 )
+                result = msgspec.structs.replace(result, status="FAILED", error=failure)
             finally:
-                heartbeat.cancel()
-            await self._reply(msg, request, result)
+                self._working.pop(id(msg), None)
+            await self._reply(msg, result, trace)
 
-    async def _reply(self, msg: Msg, request: TaskRequest, result: TaskResult) -> None:
+    async def _retry_later(self, spec: TaskSpec[Any, Any], msg: Msg, exc: Exception) -> bool:
+        """Nak a retryable failure with backoff unless this was the last delivery."""
+        deliveries = msg.metadata.num_delivered
+        if _terminal(exc) or deliveries >= self.settings.max_deliver:
+            if not _terminal(exc):
+                log.error("%s gave up after %d deliveries: %r", spec.name, deliveries, exc)
+            return False
+        delay = (
+            getattr(exc, "retry_after", None) or _BACKOFF_S[min(deliveries, len(_BACKOFF_S)) - 1]
+        )
+        log.warning(
+            "%s failed (delivery %d), retry in %.0fs: %r", spec.name, deliveries, delay, exc
+        )
+        await msg.nak(delay=delay)
+        return True
+
+    async def _reply(self, msg: Msg, result: TaskResult, trace: dict[str, str]) -> None:
         assert self._js is not None
-        msg_id = (msg.headers or {}).get(
-            "Nats-Msg-Id"
-        ) or f"{request.workflow_id}:{request.ref}:{request.attempt}"
-        headers = tracing.inject({"Nats-Msg-Id": f"{msg_id}:result"})
+        msg_id = (msg.headers or {}).get("Nats-Msg-Id") or (
+            f"{result.workflow_id}:{result.ref}:{result.attempt}"
+        )
+        headers = {**trace, "Nats-Msg-Id": f"{msg_id}:result"}
         try:
             await self._js.publish(
-                f"results.{request.workflow_id}", _encode(result), headers=headers
+                f"results.{result.workflow_id}", _encode(result), headers=headers
             )
         except (TimeoutError, nats.errors.Error) as exc:
             # Not stored, so not acked: the task comes back and its result is published then.

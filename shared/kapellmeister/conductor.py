@@ -24,6 +24,7 @@ import datetime
 import logging
 import re
 import uuid
+from collections.abc import Mapping
 from typing import Final
 
 import msgspec
@@ -63,7 +64,7 @@ from kapellmeister.messages import (
 from kapellmeister.micro import add_endpoint
 from kapellmeister.registry import Registry
 from kapellmeister.runtime import utc_now
-from kapellmeister.store import CasConflict, SagaStore
+from kapellmeister.store import CasConflict, SagaStore, Versioned
 from kapellmeister.topology import (
     DEDUPE_WINDOW_S,
     RESULTS,
@@ -97,6 +98,9 @@ class Conductor:
         self._service: Service | None = None
         self._worker: PullWorker | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        # What the sweeper re-drove, by workflow: the updated_at it saw. A workflow is
+        # re-driven once per state, not at every sweep while a long task runs.
+        self._redriven: dict[str, str] = {}
 
     @property
     def js(self) -> JetStreamContext:
@@ -118,18 +122,22 @@ class Conductor:
         durable = await ensure_consumer(
             self._js, RESULTS, "results.>", ack_wait_s=settings.ack_wait_s, max_deliver=-1
         )
-        sub = await self._js.pull_subscribe_bind(durable=durable, stream=RESULTS)
-        self._worker = PullWorker("conductor", sub, self._on_result, settings.concurrency)
-        self._worker.start()
+        self._worker = PullWorker(
+            "conductor", nc, RESULTS, durable, self._on_result, settings.concurrency
+        )
+        await self._worker.start()
         service = await add_service(
             nc,
             name="conductor",
             version=self.version,
             description="kapellmeister conductor: workflows as sagas in KV",
         )
-        await add_endpoint(service, "start", "conductor.start.*", self._on_start)
-        await add_endpoint(service, "get", "conductor.get.*", self._on_get)
-        await add_endpoint(service, "list", "conductor.list", self._on_list)
+        for name, subject, handler in (
+            ("start", "conductor.start.*", self._on_start),
+            ("get", "conductor.get.*", self._on_get),
+            ("list", "conductor.list", self._on_list),
+        ):
+            await add_endpoint(service, name, subject, handler, settings.concurrency)
         self._service = service
         self._sweeper = asyncio.create_task(self._sweep_forever())
         log.info("conductor: serving %s", ", ".join(self.registry.names()))
@@ -149,7 +157,11 @@ class Conductor:
         """Load, decide and compare-and-set until the write lands or nothing changes."""
         fresh = False
         while True:
-            loaded = await self.store.load(fact.workflow_id, fresh=fresh)
+            if isinstance(fact, Started) and not fresh:
+                # A new workflow most likely: try the create straight away, read on conflict.
+                loaded = self.store.cached(fact.workflow_id) or Versioned(None, 0)
+            else:
+                loaded = await self.store.load(fact.workflow_id, fresh=fresh)
             state = loaded.state
             if state is None and not isinstance(fact, Started):
                 return Decision(None, ())
@@ -173,13 +185,22 @@ class Conductor:
                 continue
             return decision
 
-    async def publish(self, state: Saga, commands: tuple[Command, ...]) -> None:
-        """Publish commands concurrently; JetStream dedupes each by its ``Nats-Msg-Id``."""
-        if commands:
-            await asyncio.gather(*(self._publish_one(state, c) for c in commands))
+    async def publish(
+        self, state: Saga, commands: tuple[Command, ...], trace: Mapping[str, str] | None = None
+    ) -> None:
+        """Publish commands concurrently; JetStream dedupes each by its ``Nats-Msg-Id``.
 
-    async def _publish_one(self, state: Saga, command: Command) -> None:
-        headers = tracing.inject({"Nats-Msg-Id": command.msg_id})
+        ``trace`` is the trace headers of the step that decided them; without it (the
+        sweeper) they continue the workflow's root context kept in the saga.
+        """
+        if not commands:
+            return
+        if trace is None:
+            trace = {"traceparent": state.traceparent} if state.traceparent else {}
+        await asyncio.gather(*(self._publish_one(c, trace) for c in commands))
+
+    async def _publish_one(self, command: Command, trace: Mapping[str, str]) -> None:
+        headers = {**trace, "Nats-Msg-Id": command.msg_id}
         match command:
             case RunTask():
                 request = TaskRequest(
@@ -203,43 +224,19 @@ class Conductor:
             log.error("dead letter on %s: %s (%r)", msg.subject, exc, msg.data[:200])
             await msg.term()
             return
+        # The stream's clock stamps the fact: no comparison of two hosts' clocks.
         at = utc_text(msg.metadata.timestamp) if msg.metadata.timestamp else utc_now()
-        fact: Fact
-        if result.status == "COMPLETED" or result.error is None:
-            fact = TaskCompleted(
-                workflow_id=result.workflow_id,
-                ref=result.ref,
-                attempt=result.attempt,
-                output=result.output,
-                at=at,
-                started_at=result.started_at,
-                worker=result.worker,
-            )
-        else:
-            fact = TaskFailed(
-                workflow_id=result.workflow_id,
-                ref=result.ref,
-                attempt=result.attempt,
-                error=result.error,
-                at=at,
-                started_at=result.started_at,
-                worker=result.worker,
-            )
-        with tracing.tracer().start_as_current_span(
-            "conductor decide",
-            context=tracing.extract(msg.headers),
-            kind=SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "nats",
-                "messaging.destination.name": msg.subject,
-                "workflow.id": result.workflow_id,
-                "task.ref": result.ref,
-                "task.attempt": result.attempt,
-            },
-        ):
-            decision = await self.apply(fact)
+        attributes: dict[str, str | int] = {
+            "messaging.system": "nats",
+            "messaging.destination.name": msg.subject,
+            "workflow.id": result.workflow_id,
+            "task.ref": result.ref,
+            "task.attempt": result.attempt,
+        }
+        with tracing.step("conductor decide", msg.headers, SpanKind.CONSUMER, attributes) as trace:
+            decision = await self.apply(_fact(result, at))
             if decision.state is not None:
-                await self.publish(decision.state, decision.commands)
+                await self.publish(decision.state, decision.commands, trace)
         await msg.ack()
 
     # --- requests -----------------------------------------------------------------------------
@@ -279,7 +276,7 @@ class Conductor:
             decision = await self.apply(fact)
             assert decision.state is not None
             if decision.state.status not in TERMINAL:
-                await self.publish(decision.state, decision.commands)
+                await self.publish(decision.state, decision.commands, tracing.inject({}))
         return _encode(
             StartReply(workflow_id=decision.state.workflow_id, status=decision.state.status)
         )
@@ -295,18 +292,10 @@ class Conductor:
     async def _on_list(self, request: Request) -> bytes:
         query = _decode_list(request.data or b"{}")
         found = [
-            WorkflowSummary(
-                workflow_id=s.workflow_id,
-                workflow=s.workflow,
-                version=s.version,
-                status=s.status,
-                tenant=s.tenant,
-                created_at=s.created_at,
-                updated_at=s.updated_at,
-            )
-            async for s in self.store.scan()
-            if (query.status is None or s.status == query.status)
-            and (query.workflow is None or s.workflow == query.workflow)
+            summary
+            async for summary in self.store.scan(WorkflowSummary)
+            if (query.status is None or summary.status == query.status)
+            and (query.workflow is None or summary.workflow == query.workflow)
         ]
         found.sort(key=lambda s: s.created_at, reverse=True)
         return _encode(WorkflowSummaries(workflows=found[: query.limit]))
@@ -323,8 +312,17 @@ class Conductor:
         now = utc_now()
         oldest = utc_text(_parse(now) - _seconds(DEDUPE_WINDOW_S * 0.8))
         count = 0
-        async for state in self.store.scan():
-            if state.status in TERMINAL or state.updated_at < oldest:
+        recent = {
+            summary.workflow_id: summary.updated_at
+            async for summary in self.store.scan(WorkflowSummary)
+            if summary.status not in TERMINAL and summary.updated_at >= oldest
+        }
+        self._redriven = {k: v for k, v in self._redriven.items() if recent.get(k) == v}
+        for workflow_id, updated_at in recent.items():
+            if self._redriven.get(workflow_id) == updated_at:
+                continue
+            state = (await self.store.load(workflow_id, fresh=True)).state
+            if state is None or state.status in TERMINAL:
                 continue
             definition = self.registry.get(state.workflow, state.version)
             causes = {t.cause for t in state.tasks if t.status == "SCHEDULED"}
@@ -334,6 +332,7 @@ class Conductor:
             if commands:
                 await self.publish(state, commands)
                 count += 1
+            self._redriven[workflow_id] = state.updated_at
         return count
 
     async def _sweep_forever(self) -> None:
@@ -345,6 +344,29 @@ class Conductor:
             except (TimeoutError, nats.errors.Error) as exc:
                 log.warning("sweep failed: %s", exc)
             await asyncio.sleep(self.settings.sweep_interval_s)
+
+
+def _fact(result: TaskResult, at: str) -> TaskCompleted | TaskFailed:
+    """The fact a task result states."""
+    if result.status == "FAILED" and result.error is not None:
+        return TaskFailed(
+            workflow_id=result.workflow_id,
+            ref=result.ref,
+            attempt=result.attempt,
+            error=result.error,
+            at=at,
+            started_at=result.started_at,
+            worker=result.worker,
+        )
+    return TaskCompleted(
+        workflow_id=result.workflow_id,
+        ref=result.ref,
+        attempt=result.attempt,
+        output=result.output,
+        at=at,
+        started_at=result.started_at,
+        worker=result.worker,
+    )
 
 
 def _int_header(headers: dict[str, str], name: str) -> int | None:

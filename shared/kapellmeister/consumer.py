@@ -12,8 +12,9 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import nats.errors
+from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
+from nats.aio.subscription import Subscription
 
 __all__ = ["MessageHandler", "PullWorker"]
 
@@ -23,55 +24,91 @@ MessageHandler = Callable[[Msg], Awaitable[None]]
 
 
 class PullWorker:
-    """Fetch from ``sub`` and run ``handle`` on each message, ``limit`` at a time at most."""
+    """Pull from a durable consumer and run ``handle`` on each message, ``limit`` at a time.
+
+    Flow control by credit: one pull request asks for every free slot (when a quarter of
+    them are free, or nothing is outstanding), and the server sends each message as soon
+    as it is stored; there is no round trip per batch and no wait for a batch to fill.
+    """
 
     def __init__(
-        self, name: str, sub: JetStreamContext.PullSubscription, handle: MessageHandler, limit: int
+        self,
+        name: str,
+        nc: Client,
+        stream: str,
+        durable: str,
+        handle: MessageHandler,
+        limit: int,
+        expires_s: float = 5.0,
     ) -> None:
         self.name = name
-        self._sub = sub
+        self._nc = nc
+        self._next = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self._handle = handle
         self._limit = max(1, limit)
-        self._free = asyncio.Semaphore(self._limit)
+        self._expires_s = expires_s
+        self._requested = 0
         self._running: set[asyncio.Task[None]] = set()
-        self._loop: asyncio.Task[None] | None = None
+        self._delivered = 0
+        self._inbox = nc.new_inbox()
+        self._sub: Subscription | None = None
+        self._keeper: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._loop = asyncio.create_task(self._pull(), name=f"pull {self.name}")
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
+        await self._top_up(force=True)
+        self._keeper = asyncio.create_task(self._keep_alive(), name=f"pull {self.name}")
 
     async def stop(self, grace_s: float) -> None:
-        """Stop fetching; give handlers in flight ``grace_s`` seconds to finish."""
-        if self._loop is not None:
-            self._loop.cancel()
-            await asyncio.gather(self._loop, return_exceptions=True)
+        """Stop pulling; give handlers in flight ``grace_s`` seconds to finish."""
+        if self._sub is not None:
+            # Messages already sent to us but not started are redelivered after the ack wait.
+            await self._sub.unsubscribe()
+            self._sub = None
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
         if self._running:
             await asyncio.wait(self._running, timeout=grace_s)
-        # Messages a cancelled fetch left in the inbox are never handled; unsubscribing
-        # lets a later drain finish (they are redelivered after the ack wait).
-        await self._sub.unsubscribe()
 
-    async def _pull(self) -> None:
+    async def _keep_alive(self) -> None:
+        # A pull request lost to a reconnect must not stall the loop for ever.
         while True:
-            await self._free.acquire()
-            # One slot is ours; take every other free one too and ask for that many.
-            batch = 1
-            while batch < self._limit and not self._free.locked():
-                await self._free.acquire()
-                batch += 1
-            try:
-                messages = await self._sub.fetch(batch, timeout=5.0)
-            except (TimeoutError, nats.errors.TimeoutError):
-                messages = []
-            except nats.errors.Error as exc:
-                log.warning("%s: fetch failed (%s); retrying", self.name, exc)
-                messages = []
-                await asyncio.sleep(1.0)
-            for _ in range(batch - len(messages)):
-                self._free.release()
-            for msg in messages:
-                running = asyncio.create_task(self._run(msg))
-                self._running.add(running)
-                running.add_done_callback(self._running.discard)
+            delivered = self._delivered
+            await asyncio.sleep(self._expires_s)
+            if self._delivered == delivered and not self._running:
+                self._requested = 0  # idle for a whole expiry: every request has ended
+            await self._top_up(force=True)
+
+    async def _top_up(self, force: bool = False) -> None:
+        if self._sub is None:
+            return
+        free = self._limit - len(self._running) - self._requested
+        if free <= 0 or not (force or self._requested == 0 or free * 4 >= self._limit):
+            return
+        self._requested += free
+        request = b'{"batch":%d,"expires":%d}' % (free, int(self._expires_s * 1e9))
+        try:
+            await self._nc.publish(self._next, request, reply=self._inbox)
+        except nats.errors.Error as exc:
+            self._requested -= free
+            log.warning("%s: pull request failed (%s); retrying", self.name, exc)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        status = (msg.headers or {}).get("Status")
+        if status is not None and not msg.data:
+            # 408 expired, 409 limits, 404 nothing: the request ended; what it did not
+            # deliver is free again.
+            pending = int((msg.headers or {}).get("Nats-Pending-Messages", "0") or 0)
+            self._requested = max(0, self._requested - pending)
+            if status != "408" or pending:
+                await self._top_up()
+            return
+        self._requested = max(0, self._requested - 1)
+        self._delivered += 1
+        running = asyncio.create_task(self._run(msg))
+        self._running.add(running)
+        running.add_done_callback(self._running.discard)
 
     async def _run(self, msg: Msg) -> None:
         try:
@@ -79,4 +116,6 @@ class PullWorker:
         except Exception:
             log.exception("%s: handler failed on %s; will be redelivered", self.name, msg.subject)
         finally:
-            self._free.release()
+            # Free the slot before asking for more (the done callback comes later).
+            self._running.discard(asyncio.current_task())
+            await self._top_up()

@@ -118,25 +118,36 @@ class _Draft:
         self.status: WorkflowStatus = state.status
         self.output: Json = state.output
         self.error = state.error
+        self._context: dict[str, Json] | None = None
 
     def context(self) -> dict[str, Json]:
-        state = self.state
-        roots: dict[str, Json] = {
-            ref: {"input": t.input, "output": t.output, "status": t.status, "attempt": t.attempt}
-            for ref, t in self.tasks.items()
-        }
-        roots["workflow"] = {
-            "id": state.workflow_id,
-            "name": state.workflow,
-            "version": state.version,
-            "tenant": state.tenant,
-            "input": state.input,
-            "variables": dict(self.variables),
-        }
-        return roots
+        """What expressions see: ``workflow`` and one root per task ref.
+
+        Built once per decision and kept current by `put` and `set_variables`, so walking
+        several SWITCH/EVENT steps does not rebuild it at each one.
+        """
+        if self._context is None:
+            state = self.state
+            roots: dict[str, Json] = {ref: _root(t) for ref, t in self.tasks.items()}
+            roots["workflow"] = {
+                "id": state.workflow_id,
+                "name": state.workflow,
+                "version": state.version,
+                "tenant": state.tenant,
+                "input": state.input,
+                "variables": dict(self.variables),
+            }
+            self._context = roots
+        return self._context
 
     def put(self, record: TaskRecord) -> None:
         self.tasks[record.ref] = record
+        if self._context is not None:
+            self._context[record.ref] = _root(record)
+
+    def set_variables(self, values: dict[str, Json]) -> None:
+        self.variables.update(values)
+        self._context = None
 
     def record(self, ref: str, cause: str, *, status: str = "COMPLETED", **fields: Json) -> None:
         task = self.definition.nodes[ref].task
@@ -171,6 +182,15 @@ class _Draft:
             # let a late-stamped fact move the saga's clock backwards.
             updated_at=max(self.state.updated_at, self.at),
         )
+
+
+def _root(record: TaskRecord) -> Json:
+    return {
+        "input": record.input,
+        "output": record.output,
+        "status": record.status,
+        "attempt": record.attempt,
+    }
 
 
 def _start(definition: Definition, fact: Started) -> Decision:
@@ -265,7 +285,7 @@ def _advance(draft: _Draft, ref: str | None, cause: str) -> None:
             case SetVariableTask():
                 values = templates["input"].evaluate(draft.context())
                 if isinstance(values, dict):
-                    draft.variables.update(values)
+                    draft.set_variables(values)
                 draft.record(ref, cause, input=values)
                 ref = node.successor
             case TerminateTask(status=status, reason=reason):

@@ -54,8 +54,8 @@ TERMINAL: frozenset[str] = frozenset({"COMPLETED", "FAILED", "TIMED_OUT", "TERMI
 
 def utc_text(moment: datetime.datetime) -> str:
     """RFC 3339 UTC text with milliseconds: ``2026-11-23T10:00:00.123Z``."""
-    moment = moment.astimezone(datetime.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    text = moment.astimezone(datetime.UTC).isoformat(timespec="milliseconds")
+    return text.removesuffix("+00:00") + "Z"
 
 
 class Failure(msgspec.Struct, frozen=True, kw_only=True):

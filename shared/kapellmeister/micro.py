@@ -10,7 +10,9 @@ serving.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import msgspec
@@ -37,10 +39,20 @@ def error_detail(exc: BaseException) -> ErrorDetail:
     return ErrorDetail(code=500, type="internal", message=f"internal error: {type(exc).__name__}")
 
 
-async def add_endpoint(service: Service, name: str, subject: str, handler: EndpointHandler) -> None:
-    """Serve ``handler`` on ``subject`` as endpoint ``name`` of ``service``."""
+async def add_endpoint(
+    service: Service, name: str, subject: str, handler: EndpointHandler, concurrency: int = 64
+) -> None:
+    """Serve ``handler`` on ``subject`` as endpoint ``name`` of ``service``.
 
-    async def serve(request: Request) -> None:
+    Requests are handled concurrently, up to ``concurrency`` at once per endpoint: nats-py
+    awaits an endpoint's handler inside its subscription loop, which would otherwise
+    serialise every request behind the previous one's round trips to JetStream.
+    """
+    room = asyncio.Semaphore(max(1, concurrency))
+    running: set[asyncio.Task[None]] = set()
+
+    async def handle(request: Request) -> None:
+        started = time.perf_counter_ns()
         try:
             body = await handler(request)
         except Exception as exc:
@@ -54,7 +66,19 @@ async def add_endpoint(service: Service, name: str, subject: str, handler: Endpo
             headers, payload = error_reply(detail)
             await request.respond(payload, headers=headers)
             return
+        finally:
+            room.release()
+            endpoint._processing_time += time.perf_counter_ns() - started
+            endpoint._average_processing_time = endpoint._processing_time // max(
+                1, endpoint._num_requests
+            )
         await request.respond(body)
+
+    async def serve(request: Request) -> None:
+        await room.acquire()  # a full endpoint holds back its subscription: backpressure
+        task = asyncio.create_task(handle(request))
+        running.add(task)
+        task.add_done_callback(running.discard)
 
     await service.add_endpoint(name=name, subject=subject, handler=serve)
     endpoint = service._endpoints[-1]

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from kapellmeister.messages import Saga
+from kapellmeister.messages import TERMINAL, Saga
 
 __all__ = ["CasConflict", "SagaStore", "Versioned"]
+
+T = TypeVar("T")
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(Saga).decode
@@ -54,6 +57,9 @@ class SagaStore:
     def forget(self, key: str) -> None:
         self._cache.pop(key, None)
 
+    def cached(self, workflow_id: str) -> Versioned | None:
+        return self._cache.get(workflow_id)
+
     async def load(self, workflow_id: str, *, fresh: bool = False) -> Versioned:
         """The saga and its revision; from the cache unless ``fresh``."""
         if not fresh and (cached := self._cache.get(workflow_id)) is not None:
@@ -81,17 +87,26 @@ class SagaStore:
         except KeyWrongLastSequenceError as exc:
             self.forget(key)
             raise CasConflict(key) from exc
-        self._remember(key, Versioned(state, new_revision))
+        if state.status in TERMINAL:
+            # Nothing more will happen to it here: keep the cache for running workflows.
+            self.forget(key)
+        else:
+            self._remember(key, Versioned(state, new_revision))
         return new_revision
 
-    async def scan(self) -> AsyncIterator[Saga]:
-        """Every stored saga, latest revision each (an ordered consumer over the bucket)."""
+    async def scan(self, as_type: type[T]) -> AsyncIterator[T]:
+        """Every stored saga, latest revision each, decoded as ``as_type``.
+
+        ``as_type`` may be a struct with a few of the saga's fields (unknown fields are
+        ignored), so a listing or a sweep pays only for what it reads.
+        """
+        decode = msgspec.json.Decoder(as_type).decode
         watcher = await self.kv.watchall(ignore_deletes=True)
         try:
             async for entry in watcher:
                 if entry is None:
                     break
                 if entry.value:
-                    yield _decode(entry.value)
+                    yield decode(entry.value)
         finally:
             await watcher.stop()

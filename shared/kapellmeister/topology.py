@@ -125,6 +125,8 @@ async def ensure_buckets(js: JetStreamContext, replicas: int = 1) -> dict[str, K
                     history=history,
                     storage=StorageType.FILE,
                     replicas=replicas,
+                    # Direct gets are answered by any replica without an API round trip.
+                    direct=True,
                     description=f"kapellmeister {name}",
                 )
             )

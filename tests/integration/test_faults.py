@@ -34,14 +34,14 @@ class CrashingConductor(Conductor):
         super().__init__(*args, **kwargs)
         self.point, self.ref, self.crashed = point, ref, False
 
-    async def publish(self, state, commands):
+    async def publish(self, state, commands, trace=None):
         crash_now = not self.crashed and any(
             getattr(t, "ref", None) == self.ref and t.status == "COMPLETED" for t in state.tasks
         )
         if crash_now and self.point == "after-write":
             self.crashed = True
             raise Crash("after the KV write, before the publish")
-        await super().publish(state, commands)
+        await super().publish(state, commands, trace)
         if crash_now and self.point == "after-publish":
             self.crashed = True
             raise Crash("after the publish, before the ack")
