@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import IO
 
 import msgspec
 import pytest
@@ -216,3 +217,22 @@ async def _wait_for(count, target: int, timeout: float = 30.0) -> None:
 async def _status(js, workflow_id: str) -> str:
     kv = await js.key_value("workflows")
     return str(msgspec.json.decode((await kv.get(workflow_id)).value or b"")["status"])
+
+
+def _serve(service: str, nats_url: str, log: IO[bytes]) -> subprocess.Popen[bytes]:
+    env = {"PATH": os.environ.get("PATH", ""), "NATS_URL": nats_url}
+    command = [sys.executable, "-m", "kapellmeister.cli", "serve", service]
+    return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+
+
+async def test_kapellmeister_serve_runs_a_service(nats_url, nc, tmp_path):
+    log = (tmp_path / "serve.log").open("wb")
+    process = _serve("agenda", nats_url, log)
+    try:
+        await wait_for_services(nc, ["agenda"])
+        reply = await call(nc, "agenda.activity", {"datetime": "2026-11-22T12:00:00"})
+        assert body(reply) == {"activity": "free"}
+    finally:
+        process.terminate()
+        assert process.wait(timeout=15) == 0  # SIGTERM drains and exits cleanly
+        log.close()

@@ -165,3 +165,28 @@ async def test_undecodable_task_message_is_a_dead_letter_not_a_crash(nc, js, age
     assert result["status"] == "COMPLETED"
     await asyncio.sleep(0.3)
     assert (await js.stream_info("TASKS")).state.messages == 0
+
+
+slow_calls: list[int] = []
+
+
+async def slow(req: Echo) -> Echo:
+    """Runs for several ack waits: only in-progress acks keep it from being redelivered."""
+    slow_calls.append(req.n)
+    await asyncio.sleep(2.5)
+    return Echo(n=req.n)
+
+
+async def test_long_work_is_kept_alive_by_in_progress_acks(nc, js, settings):
+    slow_calls.clear()
+    quick = msgspec.structs.replace(settings, ack_wait_s=0.8)
+    agent = Agent("slow", [task("slow.echo", slow)], quick)
+    await agent.start(nc)
+    try:
+        await _publish_task(js, "slow.echo", "wq6", b'{"n":7}')
+        [result] = await _results(js, "wq6", timeout=20)
+        await asyncio.sleep(1.0)  # a redelivery, had there been one, would run by now
+    finally:
+        await agent.stop()
+    assert result["status"] == "COMPLETED"
+    assert slow_calls == [7]

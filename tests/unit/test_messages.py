@@ -1,0 +1,60 @@
+"""Wire messages evolve without breaking older replicas; hand-written requests reject typos."""
+
+from __future__ import annotations
+
+import datetime
+
+import msgspec
+import pytest
+
+from kapellmeister.messages import (
+    Fact,
+    ListRequest,
+    Saga,
+    TaskCompleted,
+    TaskRequest,
+    TaskResult,
+    utc_text,
+)
+
+
+def test_messages_between_services_ignore_unknown_fields():
+    result = msgspec.json.decode(
+        b'{"workflow_id":"w","ref":"r","attempt":1,"status":"COMPLETED","output":{"a":1},'
+        b'"added_by_a_newer_agent":true}',
+        type=TaskResult,
+    )
+    assert (result.workflow_id, result.output) == ("w", {"a": 1})
+    request = msgspec.json.decode(
+        b'{"workflow_id":"w","workflow":"p","ref":"r","task":"t.x","attempt":2,"input":{},'
+        b'"priority":5}',
+        type=TaskRequest,
+    )
+    assert request.attempt == 2
+    saga = msgspec.json.decode(
+        b'{"workflow_id":"w","workflow":"p","version":1,"status":"RUNNING","input":{},'
+        b'"created_at":"t","updated_at":"t","future_field":[1]}',
+        type=Saga,
+    )
+    assert saga.tasks == ()
+
+
+def test_facts_are_tagged_in_json():
+    fact = TaskCompleted(workflow_id="w", ref="r", attempt=1, output=None, at="t")
+    encoded = msgspec.json.encode(fact)
+    assert b'"type":"TaskCompleted"' in encoded
+    assert msgspec.json.decode(encoded, type=Fact) == fact
+
+
+def test_a_list_request_rejects_a_typo():
+    with pytest.raises(msgspec.ValidationError) as info:
+        msgspec.json.decode(b'{"statuss":"RUNNING"}', type=ListRequest)
+    assert "statuss" in str(info.value)
+
+
+def test_times_are_rfc3339_utc_with_milliseconds():
+    moment = datetime.datetime(
+        2026, 11, 23, 11, 2, 3, 456789, tzinfo=datetime.timezone(datetime.timedelta(hours=1))
+    )
+    assert utc_text(moment) == "2026-11-23T10:02:03.456Z"
+    assert utc_text(moment.replace(microsecond=0)) == "2026-11-23T10:02:03.000Z"
