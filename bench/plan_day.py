@@ -34,8 +34,6 @@ import math
 import os
 import random
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +41,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
-from typing import IO
 
 import msgspec
 import nats
@@ -65,7 +62,6 @@ CEILING_ROLES = ("conductor", "agenda", "weather")
 SERVICES = ["conductor", "weather", "agenda"]
 SEQUENTIAL = 50
 WARMUP = 32
-_INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV", "TMPDIR")
 
 
 class Chosen(msgspec.Struct):
@@ -356,71 +352,22 @@ def rss_mib(pid: int | None) -> float:
     return float("nan")
 
 
-class CeilingProcess:
+def ceiling_process(role: str, url: str, log_path: Path, extra: Sequence[str]) -> ServiceProcess:
     """One role of bench/ceiling.py as a child process, ended by its PID."""
-
-    def __init__(self, role: str, url: str, log_path: Path, extra: Sequence[str] = ()) -> None:
-        self.role = role
-        self.url = url
-        self.log_path = log_path
-        self.extra = list(extra)
-        self.process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
-    def start(self) -> CeilingProcess:
-        env = {k: os.environ[k] for k in _INHERITED if k in os.environ}
-        self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                str(CEILING),
-                "--role",
-                self.role,
-                "--nats-url",
-                self.url,
-                *self.extra,
-            ],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        return self
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self, timeout: float = 15.0) -> None:
-        process = self.process
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def log_tail(self) -> str:
-        return self.log_path.read_bytes()[-3000:].decode(errors="replace")
+    argv = [sys.executable, str(CEILING), "--role", role, "--nats-url", url, *extra]
+    return ServiceProcess(role, url, log_path, argv=argv)
 
 
-async def wait_for_ceiling(nc: Client, process: CeilingProcess, timeout: float = 30.0) -> None:
+async def wait_for_ceiling(nc: Client, process: ServiceProcess, timeout: float = 30.0) -> None:
     deadline = time.perf_counter() + timeout
     while True:
         try:
-            await nc.request(f"ceil.ping.{process.role}", b"", timeout=0.5)
+            await nc.request(f"ceil.ping.{process.name}", b"", timeout=0.5)
             return
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
             if not process.alive() or time.perf_counter() > deadline:
                 raise RuntimeError(
-                    f"ceiling {process.role} did not start\n{process.log_tail()}"
+                    f"ceiling {process.name} did not start\n{process.log_tail()}"
                 ) from None
             await asyncio.sleep(0.1)
 
@@ -462,14 +409,14 @@ async def bench_ceiling(
     if args.ceiling_no_cache:
         extra.append("--no-cache")
     processes = [
-        CeilingProcess(role, url, logs / f"ceiling-{role}.log", extra) for role in CEILING_ROLES
+        ceiling_process(role, url, logs / f"ceiling-{role}.log", extra) for role in CEILING_ROLES
     ]
     try:
         # The conductor first: it creates the streams the agents' consumers live on.
         for process in processes:
             process.start()
             await wait_for_ceiling(nc, process)
-        pids = {p.role: p.pid for p in processes if p.pid is not None}
+        pids = {p.name: p.pid for p in processes if p.pid is not None}
         pids.update(args.extra_pids)
         outcome = await run_target(
             nc,

@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -26,7 +26,7 @@ _INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV", "TM
 
 
 class ServiceProcess:
-    """One service as a child process."""
+    """One service as a child process (``python -m services.<name>`` unless ``argv`` says)."""
 
     def __init__(
         self,
@@ -35,8 +35,10 @@ class ServiceProcess:
         log_path: Path,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        argv: Sequence[str] | None = None,
     ) -> None:
         self.name = name
+        self.argv = list(argv or [sys.executable, "-m", f"services.{name}"])
         self.nats_url = nats_url
         self.log_path = log_path
         self.env = dict(env or {})
@@ -55,7 +57,7 @@ class ServiceProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", f"services.{self.name}"],
+            self.argv,
             env=env,
             cwd=self.cwd,
             stdin=subprocess.DEVNULL,

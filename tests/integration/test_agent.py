@@ -10,7 +10,6 @@ import pytest
 from kapellmeister.agent import Agent, task
 from kapellmeister.errors import TaskError
 from kapellmeister.topology import RESULTS
-from services.agenda.handlers import activity
 from services.weather.handlers import ReportRequest, report
 from tests.support import assert_error, body, call, stream_messages
 
@@ -30,19 +29,6 @@ async def flaky(req: Echo) -> Echo:
     if len(calls) < 3:
         raise RuntimeError("transient")
     return Echo(n=req.n + 1)
-
-
-@pytest.fixture
-async def agents(nc, settings):
-    started = [
-        Agent("weather", [task("weather.report", report)], settings),
-        Agent("agenda", [task("agenda.activity", activity)], settings),
-    ]
-    for agent in started:
-        await agent.start(nc)
-    yield started
-    for agent in started:
-        await agent.stop()
 
 
 async def test_direct_request_answers_like_the_contract(nc, agents):

@@ -10,15 +10,11 @@ from typing import Any
 import msgspec
 import pytest
 
-from kapellmeister.agent import Agent, task
-from kapellmeister.conductor import Conductor
 from kapellmeister.decider import decide
 from kapellmeister.messages import Started, TaskCompleted
 from kapellmeister.runtime import utc_now
 from kapellmeister.topology import EVENTS, TASKS
-from services.agenda.handlers import activity
 from services.conductor.__main__ import registry
-from services.weather.handlers import report
 from tests.support import (
     assert_error,
     body,
@@ -32,27 +28,6 @@ from tests.support import (
 RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 FREE_SATURDAY: dict[str, Any] = {"user": "ann", "datetime": "2026-11-21T12:00:00"}
 WORKDAY: dict[str, Any] = {"user": "bob", "datetime": "2026-11-23T10:00:00"}
-
-
-@pytest.fixture
-async def conductor(nc, settings):
-    conductor = Conductor(settings, registry())
-    await conductor.start(nc)
-    yield conductor
-    await conductor.stop()
-
-
-@pytest.fixture
-async def stack(nc, settings, conductor):
-    agents = [
-        Agent("weather", [task("weather.report", report)], settings),
-        Agent("agenda", [task("agenda.activity", activity)], settings),
-    ]
-    for agent in agents:
-        await agent.start(nc)
-    yield conductor
-    for agent in agents:
-        await agent.stop()
 
 
 async def start(nc, payload, headers=None) -> str:
@@ -225,127 +200,106 @@ async def test_list_is_newest_first_and_filters(nc, js, stack):
     assert body(await call(nc, "conductor.list", b""))["workflows"]  # no body at all is fine
 
 
-async def test_two_conductors_racing_on_one_fact_write_once(nc, settings, js):
-    definitions = registry()
-    one, two = Conductor(settings, definitions), Conductor(settings, definitions)
-    for conductor in (one, two):
-        await conductor.start(nc)
-    try:
-        started = Started(
-            workflow_id="race",
+async def test_two_conductors_racing_on_one_fact_write_once(js, two_conductors):
+    one, two = two_conductors
+    started = Started(
+        workflow_id="race",
+        workflow="plan_day",
+        version=1,
+        input=FREE_SATURDAY,
+        at="2026-11-21T12:00:00.000Z",
+    )
+    decisions = await asyncio.gather(one.apply(started), two.apply(started))
+    assert decisions[0].state == decisions[1].state
+    assert decisions[0].commands == decisions[1].commands
+    before = await kv_revisions(js)
+    fact = TaskCompleted(
+        workflow_id="race",
+        ref="agenda",
+        attempt=1,
+        output={"activity": "free"},
+        at="2026-11-21T12:00:01.000Z",
+    )
+    results = await asyncio.gather(one.apply(fact), two.apply(fact))
+    assert await kv_revisions(js) == before + 1  # applied once
+    assert results[0].commands == results[1].commands  # the loser re-decided on the new state
+    assert [c.msg_id for c in results[0].commands] == ["race:weather:1"]
+
+
+async def test_a_stale_cache_costs_a_conflict_never_a_lost_fact(js, two_conductors):
+    one, two = two_conductors
+    await one.apply(
+        Started(
+            workflow_id="stale",
             workflow="plan_day",
             version=1,
             input=FREE_SATURDAY,
             at="2026-11-21T12:00:00.000Z",
         )
-        decisions = await asyncio.gather(one.apply(started), two.apply(started))
-        assert decisions[0].state == decisions[1].state
-        assert decisions[0].commands == decisions[1].commands
-        before = await kv_revisions(js)
-        fact = TaskCompleted(
-            workflow_id="race",
-            ref="agenda",
-            attempt=1,
-            output={"activity": "free"},
-            at="2026-11-21T12:00:01.000Z",
-        )
-        results = await asyncio.gather(one.apply(fact), two.apply(fact))
-        assert await kv_revisions(js) == before + 1  # applied once
-        assert results[0].commands == results[1].commands  # the loser re-decided on the new state
-        assert [c.msg_id for c in results[0].commands] == ["race:weather:1"]
-    finally:
-        for conductor in (one, two):
-            await conductor.stop()
-
-
-async def test_a_stale_cache_costs_a_conflict_never_a_lost_fact(nc, settings, js):
-    definitions = registry()
-    one, two = Conductor(settings, definitions), Conductor(settings, definitions)
-    for conductor in (one, two):
-        await conductor.start(nc)
-    try:
-        await one.apply(
-            Started(
-                workflow_id="stale",
-                workflow="plan_day",
-                version=1,
-                input=FREE_SATURDAY,
-                at="2026-11-21T12:00:00.000Z",
-            )
-        )
-        await two.store.load("stale")  # `two` caches the first revision: agenda SCHEDULED
-        agenda = TaskCompleted(
+    )
+    await two.store.load("stale")  # `two` caches the first revision: agenda SCHEDULED
+    agenda = TaskCompleted(
+        workflow_id="stale",
+        ref="agenda",
+        attempt=1,
+        output={"activity": "free"},
+        at="2026-11-21T12:00:01.000Z",
+    )
+    first = await one.apply(agenda)
+    before = await kv_revisions(js)
+    late = await two.apply(agenda)  # decided on the stale copy, CAS refused, re-decided
+    assert two.conflicts == 1
+    assert await kv_revisions(js) == before
+    assert late.commands == first.commands
+    # A fact the stale copy cannot place (weather was not scheduled there) is not dropped.
+    await two.store.load("stale")
+    await one.apply(
+        TaskCompleted(
             workflow_id="stale",
+            ref="weather",
+            attempt=1,
+            output={"rain": True, "snow": False, "temperature": 9},
+            at="2026-11-21T12:00:02.000Z",
+        )
+    )
+    state = await saga(js, "stale")
+    assert state["status"] == "COMPLETED"
+    assert state["output"] == {"activity": "code_for_fun"}
+
+
+async def test_a_fact_unknown_to_a_stale_cache_is_reloaded_not_dropped(js, two_conductors):
+    one, two = two_conductors
+    await one.apply(
+        Started(
+            workflow_id="behind",
+            workflow="plan_day",
+            version=1,
+            input=FREE_SATURDAY,
+            at="2026-11-21T12:00:00.000Z",
+        )
+    )
+    await two.store.load("behind")  # agenda SCHEDULED, no weather task yet
+    await one.apply(
+        TaskCompleted(
+            workflow_id="behind",
             ref="agenda",
             attempt=1,
             output={"activity": "free"},
             at="2026-11-21T12:00:01.000Z",
         )
-        first = await one.apply(agenda)
-        before = await kv_revisions(js)
-        late = await two.apply(agenda)  # decided on the stale copy, CAS refused, re-decided
-        assert two.conflicts == 1
-        assert await kv_revisions(js) == before
-        assert late.commands == first.commands
-        # A fact the stale copy cannot place (weather was not scheduled there) is not dropped.
-        await two.store.load("stale")
-        await one.apply(
-            TaskCompleted(
-                workflow_id="stale",
-                ref="weather",
-                attempt=1,
-                output={"rain": True, "snow": False, "temperature": 9},
-                at="2026-11-21T12:00:02.000Z",
-            )
+    )
+    decision = await two.apply(
+        TaskCompleted(
+            workflow_id="behind",
+            ref="weather",
+            attempt=1,
+            output={"rain": False, "snow": False, "temperature": 9},
+            at="2026-11-21T12:00:02.000Z",
         )
-        state = await saga(js, "stale")
-        assert state["status"] == "COMPLETED"
-        assert state["output"] == {"activity": "code_for_fun"}
-    finally:
-        for conductor in (one, two):
-            await conductor.stop()
-
-
-async def test_a_fact_unknown_to_a_stale_cache_is_reloaded_not_dropped(nc, settings, js):
-    definitions = registry()
-    one, two = Conductor(settings, definitions), Conductor(settings, definitions)
-    for conductor in (one, two):
-        await conductor.start(nc)
-    try:
-        await one.apply(
-            Started(
-                workflow_id="behind",
-                workflow="plan_day",
-                version=1,
-                input=FREE_SATURDAY,
-                at="2026-11-21T12:00:00.000Z",
-            )
-        )
-        await two.store.load("behind")  # agenda SCHEDULED, no weather task yet
-        await one.apply(
-            TaskCompleted(
-                workflow_id="behind",
-                ref="agenda",
-                attempt=1,
-                output={"activity": "free"},
-                at="2026-11-21T12:00:01.000Z",
-            )
-        )
-        decision = await two.apply(
-            TaskCompleted(
-                workflow_id="behind",
-                ref="weather",
-                attempt=1,
-                output={"rain": False, "snow": False, "temperature": 9},
-                at="2026-11-21T12:00:02.000Z",
-            )
-        )
-        assert decision.state is not None
-        assert decision.state.status == "COMPLETED"
-        assert (await saga(js, "behind"))["output"] == {"activity": "run"}
-    finally:
-        for conductor in (one, two):
-            await conductor.stop()
+    )
+    assert decision.state is not None
+    assert decision.state.status == "COMPLETED"
+    assert (await saga(js, "behind"))["output"] == {"activity": "run"}
 
 
 async def test_sweeper_redrives_a_start_that_crashed_before_publishing(nc, js, settings, stack):

@@ -12,12 +12,9 @@ import asyncio
 import msgspec
 import pytest
 
-from kapellmeister.agent import Agent, task
 from kapellmeister.conductor import Conductor
 from kapellmeister.topology import EVENTS, TASKS
-from services.agenda.handlers import activity
 from services.conductor.__main__ import registry
-from services.weather.handlers import report
 from tests.support import body, call, stream_messages, wait_finished
 
 FREE = {"user": "ann", "datetime": "2026-11-21T12:00:00"}
@@ -45,19 +42,6 @@ class CrashingConductor(Conductor):
         if crash_now and self.point == "after-publish":
             self.crashed = True
             raise Crash("after the publish, before the ack")
-
-
-@pytest.fixture
-async def agents(nc, settings):
-    started = [
-        Agent("weather", [task("weather.report", report)], settings),
-        Agent("agenda", [task("agenda.activity", activity)], settings),
-    ]
-    for agent in started:
-        await agent.start(nc)
-    yield
-    for agent in started:
-        await agent.stop()
 
 
 @pytest.mark.parametrize("point", ["after-write", "after-publish"])
