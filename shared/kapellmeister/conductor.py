@@ -155,6 +155,11 @@ class Conductor:
 
     async def apply(self, fact: Fact) -> Decision:
         """Load, decide and compare-and-set until the write lands or nothing changes."""
+        decision, _ = await self._apply(fact)
+        return decision
+
+    async def _apply(self, fact: Fact) -> tuple[Decision, bool]:
+        """`apply`, also saying whether this call wrote the saga."""
         fresh = False
         while True:
             if isinstance(fact, Started) and not fresh:
@@ -163,19 +168,19 @@ class Conductor:
             else:
                 loaded = await self.store.load(fact.workflow_id, fresh=fresh)
             state = loaded.state
-            if state is None and not isinstance(fact, Started):
-                return Decision(None, ())
-            definition = self.registry.get(
-                state.workflow if state else fact.workflow,  # type: ignore[union-attr]
-                state.version if state else fact.version,  # type: ignore[union-attr]
-            )
+            if state is not None:
+                definition = self.registry.get(state.workflow, state.version)
+            elif isinstance(fact, Started):
+                definition = self.registry.get(fact.workflow, fact.version)
+            else:
+                return Decision(None, ()), False  # a result for a workflow that is not stored
             decision = decide(definition, state, fact)
             if decision.state is state:
                 if not fresh and not decision.commands:
                     # A no-op on a cached state may only mean the cache is behind.
                     fresh = True
                     continue
-                return decision
+                return decision, False
             assert decision.state is not None
             try:
                 await self.store.save(decision.state, loaded.revision)
@@ -183,7 +188,7 @@ class Conductor:
                 self.conflicts += 1
                 fresh = True
                 continue
-            return decision
+            return decision, True
 
     async def publish(
         self, state: Saga, commands: tuple[Command, ...], trace: Mapping[str, str] | None = None
@@ -273,9 +278,11 @@ class Conductor:
                 trace_id=tracing.current_trace_id(),
                 traceparent=tracing.inject({}).get("traceparent", ""),
             )
-            decision = await self.apply(fact)
+            decision, created = await self._apply(fact)
             assert decision.state is not None
-            if decision.state.status not in TERMINAL:
+            # A repeated start republishes what the first one did, in case it crashed before
+            # publishing; but not for a finished workflow, whose events are long out.
+            if created or decision.state.status not in TERMINAL:
                 await self.publish(decision.state, decision.commands, tracing.inject({}))
         return _encode(
             StartReply(workflow_id=decision.state.workflow_id, status=decision.state.status)
@@ -283,6 +290,8 @@ class Conductor:
 
     async def _on_get(self, request: Request) -> bytes:
         workflow_id = request.subject.split(".", 2)[2]
+        if not WORKFLOW_ID_PATTERN.match(workflow_id):
+            raise WorkflowNotFound(f"no workflow with id {workflow_id!r}")
         try:
             entry = await self.store.kv.get(workflow_id)
         except KeyNotFoundError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,11 @@ from typing import Any
 import msgspec
 import pytest
 
+from kapellmeister.conductor import Conductor
 from kapellmeister.decider import decide
+from kapellmeister.definitions import compile_definition, parse_definition
 from kapellmeister.messages import Started, TaskCompleted
+from kapellmeister.registry import Registry
 from kapellmeister.runtime import utc_now
 from kapellmeister.topology import EVENTS, TASKS
 from services.conductor.__main__ import registry
@@ -149,6 +153,7 @@ async def test_traceparent_header_sets_the_workflow_trace(nc, js, stack):
         ("conductor.start.plan_day", FREE_SATURDAY, {"Workflow-Version": "9"}, 404, "no version 9"),
         ("conductor.start.nope", FREE_SATURDAY, None, 404, "nope"),
         ("conductor.get.unknown-id", b"", None, 404, "unknown-id"),
+        ("conductor.get.a$b", b"", None, 404, "a$b"),
         ("conductor.list", {"statu": "RUNNING"}, None, 400, "statu"),
         ("conductor.list", {"status": "DONE"}, None, 400, "$.status"),
         ("conductor.list", {"limit": 0}, None, 400, "$.limit"),
@@ -321,3 +326,31 @@ def test_shipped_definitions_load(tmp_path: Path):
         "name: extra\ntasks:\n  - {ref: t, type: SIMPLE, task: weather.report}\n"
     )
     assert registry(str(tmp_path)).names() == ["extra", "plan_day"]
+
+
+HELLO = """
+name: hello
+input: {who: str}
+tasks:
+  - {ref: say, type: EVENT, subject: events.hello.said, input: {who: "${workflow.input.who}"}}
+output: {said_to: "${workflow.input.who}"}
+"""
+
+
+async def test_a_workflow_that_ends_at_start_still_publishes_its_event(nc, js, settings):
+    conductor = Conductor(settings, Registry([compile_definition(parse_definition(HELLO))]))
+    await conductor.start(nc)
+    heard = await nc.subscribe("events.hello.said")  # sees every publish, even deduped ones
+    try:
+        headers = {"Workflow-Id": "hello-1"}
+        first = body(await call(nc, "conductor.start.hello", {"who": "ann"}, headers))
+        again = body(await call(nc, "conductor.start.hello", {"who": "ann"}, headers))
+        messages = [await heard.next_msg(timeout=5)]
+        with contextlib.suppress(TimeoutError):
+            messages.append(await heard.next_msg(timeout=0.5))
+    finally:
+        await heard.unsubscribe()
+        await conductor.stop()
+    assert first == again == {"workflow_id": "hello-1", "status": "COMPLETED"}
+    assert [msgspec.json.decode(m.data) for m in messages] == [{"who": "ann"}]
+    assert (await saga(js, "hello-1"))["output"] == {"said_to": "ann"}
