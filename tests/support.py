@@ -116,6 +116,19 @@ async def stream_messages(js: JetStreamContext, stream: str, subject: str) -> li
     return messages
 
 
+async def dead_letters(
+    js: JetStreamContext, subject: str, timeout: float = 10.0
+) -> list[dict[str, Any]]:
+    """The dead-letter records on ``subject`` once there is at least one (bounded wait)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        found = await stream_messages(js, "DEADLETTERS", subject)
+        if found or loop.time() > deadline:
+            return [dict(msgspec.json.decode(m.data or b"{}")) for m in found]
+        await asyncio.sleep(0.05)
+
+
 def days(count: int) -> list[tuple[str, str]]:
     """``count`` (user, datetime) inputs covering weekdays, weekends and every hour."""
     start = datetime.datetime(2026, 11, 16)

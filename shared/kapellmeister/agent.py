@@ -48,6 +48,7 @@ from opentelemetry.trace import SpanKind
 from kapellmeister import tracing
 from kapellmeister.config import Settings
 from kapellmeister.consumer import PullWorker
+from kapellmeister.deadletter import dead_letter
 from kapellmeister.errors import BadRequest, TaskError
 from kapellmeister.messages import Failure, Json, TaskRequest, TaskResult
 from kapellmeister.micro import add_endpoint, error_detail
@@ -212,9 +213,8 @@ class Agent:
         try:
             request = _decode_request(msg.data)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            # No workflow to answer: a dead letter, never redelivered.
-            log.error("dead letter on %s: %s (%r)", msg.subject, exc, msg.data[:200])
-            await msg.term()
+            assert self._js is not None
+            await dead_letter(self._js, msg, self.name, f"not a task request: {exc}")
             return
         attributes: dict[str, str | int] = {
             "messaging.system": "nats",

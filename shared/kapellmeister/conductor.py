@@ -41,6 +41,7 @@ from opentelemetry.trace import SpanKind
 from kapellmeister import tracing
 from kapellmeister.config import Settings
 from kapellmeister.consumer import PullWorker
+from kapellmeister.deadletter import dead_letter
 from kapellmeister.decider import Decision, commands_caused_by, decide
 from kapellmeister.errors import BadRequest, WorkflowNotFound
 from kapellmeister.messages import (
@@ -226,8 +227,7 @@ class Conductor:
         try:
             result = _decode_result(msg.data)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            log.error("dead letter on %s: %s (%r)", msg.subject, exc, msg.data[:200])
-            await msg.term()
+            await dead_letter(self.js, msg, "conductor", f"not a task result: {exc}")
             return
         # The stream's clock stamps the fact: no comparison of two hosts' clocks.
         at = utc_text(msg.metadata.timestamp) if msg.metadata.timestamp else utc_now()

@@ -10,9 +10,10 @@ name       subjects      retention   why
 EVENTS     events.>      limits      the public way in and out; kept 7 days for replay
 TASKS      tasks.>       work queue  a task message lives until an agent acks it
 RESULTS    results.>     work queue  a result lives until the conductor has applied it
+DEADLETTERS deadletter.> limits      messages nobody could handle, with the reason; 30 days
 =========  ============  ==========  ========================================================
 
-All three dedupe by ``Nats-Msg-Id`` over a 10-minute window, which covers a crashed
+All dedupe by ``Nats-Msg-Id`` over a 10-minute window, which covers a crashed
 conductor's redelivery (ack wait 30 s) with room to spare.
 
 KV buckets: ``workflows`` (one key per workflow, 5 revisions kept so ``nats kv history``
@@ -39,6 +40,7 @@ from nats.js.kv import KeyValue
 
 __all__ = [
     "BUCKETS",
+    "DEADLETTERS",
     "EVENTS",
     "RESULTS",
     "TASKS",
@@ -51,6 +53,7 @@ __all__ = [
 EVENTS: Final = "EVENTS"
 TASKS: Final = "TASKS"
 RESULTS: Final = "RESULTS"
+DEADLETTERS: Final = "DEADLETTERS"
 DEDUPE_WINDOW_S: Final = 600.0
 DAY_S: Final = 86_400.0
 
@@ -89,11 +92,19 @@ def _streams(replicas: int) -> list[StreamConfig]:
             description="Task results for the conductor",
             **common,  # type: ignore[arg-type]
         ),
+        StreamConfig(
+            name=DEADLETTERS,
+            subjects=["deadletter.>"],
+            retention=RetentionPolicy.LIMITS,
+            max_age=30 * DAY_S,
+            description="Messages no service could handle, with the reason",
+            **common,  # type: ignore[arg-type]
+        ),
     ]
 
 
 async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
-    """Create or update the three streams with the settings above."""
+    """Create or update the streams with the settings above."""
     for config in _streams(replicas):
         name = config.name or ""
         try:

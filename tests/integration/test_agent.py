@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 
 import msgspec
 import pytest
@@ -11,7 +12,7 @@ from kapellmeister.agent import Agent, task
 from kapellmeister.errors import TaskError
 from kapellmeister.topology import RESULTS
 from services.weather.handlers import ReportRequest, report
-from tests.support import assert_error, body, call, stream_messages
+from tests.support import assert_error, body, call, dead_letters, stream_messages
 
 
 class Echo(msgspec.Struct):
@@ -149,8 +150,12 @@ async def test_undecodable_task_message_is_a_dead_letter_not_a_crash(nc, js, age
     await _publish_task(js, "agenda.activity", "wq5", b'{"datetime":"2026-11-21T12:00:00"}')
     [result] = await _results(js, "wq5")
     assert result["status"] == "COMPLETED"
-    await asyncio.sleep(0.3)
-    assert (await js.stream_info("TASKS")).state.messages == 0
+    [letter] = await dead_letters(js, "deadletter.agenda")
+    assert letter["reason"].startswith("not a task request")
+    assert (letter["stream"], letter["subject"]) == ("TASKS", "tasks.agenda.activity")
+    assert base64.b64decode(letter["data_base64"]) == b"garbage"
+    assert letter["headers"]["Nats-Msg-Id"] == "junk"
+    assert (await js.stream_info("TASKS")).state.messages == 0  # terminated, not redelivered
 
 
 slow_calls: list[int] = []

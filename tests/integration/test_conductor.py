@@ -23,6 +23,7 @@ from tests.support import (
     assert_error,
     body,
     call,
+    dead_letters,
     expected_activity,
     saga,
     stream_messages,
@@ -354,3 +355,17 @@ async def test_a_workflow_that_ends_at_start_still_publishes_its_event(nc, js, s
     assert first == again == {"workflow_id": "hello-1", "status": "COMPLETED"}
     assert [msgspec.json.decode(m.data) for m in messages] == [{"who": "ann"}]
     assert (await saga(js, "hello-1"))["output"] == {"said_to": "ann"}
+
+
+async def test_an_undecodable_result_is_a_dead_letter_and_the_conductor_goes_on(nc, js, stack):
+    await js.publish("results.nope", b'{"workflow_id": 3}', headers={"Nats-Msg-Id": "bad-result"})
+    [letter] = await dead_letters(js, "deadletter.conductor")
+    assert letter["reason"].startswith("not a task result")
+    assert letter["subject"] == "results.nope"
+    workflow_id = await start(nc, WORKDAY)
+    assert (await wait_finished(js, [workflow_id]))[workflow_id]["status"] == "COMPLETED"
+    for _ in range(100):  # the last result is acked just after the saga is written
+        if (await js.stream_info("RESULTS")).state.messages == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert (await js.stream_info("RESULTS")).state.messages == 0  # the bad one was terminated

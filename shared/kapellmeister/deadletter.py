@@ -1,0 +1,62 @@
+"""Dead letters: fire-and-forget messages that cannot be handled, kept with the reason.
+
+A message nobody can answer (a task or result that does not decode) must neither crash
+the service nor vanish: it is recorded on ``deadletter.<service>`` in the DEADLETTERS
+stream, with the reason, where it came from and its bytes, then terminated so JetStream
+stops redelivering it. The record's ``Nats-Msg-Id`` is derived from the original's
+stream and sequence, so a redelivery before the term lands records it once.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+
+import msgspec
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from kapellmeister.runtime import utc_now
+
+__all__ = ["DeadLetter", "dead_letter"]
+
+log = logging.getLogger("kapellmeister.deadletter")
+_encode = msgspec.json.Encoder().encode
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``nats stream view DEADLETTERS`` shows for each message set aside."""
+
+    service: str
+    reason: str
+    stream: str
+    subject: str
+    sequence: int
+    headers: dict[str, str]
+    data_base64: str
+    at: str
+
+
+async def dead_letter(js: JetStreamContext, msg: Msg, service: str, reason: str) -> None:
+    """Record ``msg`` as a dead letter, then terminate it (no more redeliveries)."""
+    meta = msg.metadata
+    record = DeadLetter(
+        service=service,
+        reason=reason,
+        stream=meta.stream,
+        subject=msg.subject,
+        sequence=meta.sequence.stream,
+        headers=dict(msg.headers or {}),
+        data_base64=base64.b64encode(msg.data).decode(),
+        at=utc_now(),
+    )
+    msg_id = f"dlq:{meta.stream}:{meta.sequence.stream}"
+    log.error("dead letter %s from %s: %s", msg_id, msg.subject, reason)
+    try:
+        await js.publish(f"deadletter.{service}", _encode(record), headers={"Nats-Msg-Id": msg_id})
+    except (TimeoutError, nats.errors.Error) as exc:
+        # Not recorded: leave it unacked so it comes back and is recorded then.
+        log.warning("dead letter %s not recorded (%s); will retry on redelivery", msg_id, exc)
+        return
+    await msg.term()
