@@ -5,25 +5,41 @@ definition, state and fact it always returns the same decision, which is what le
 number of conductor replicas race on a workflow with compare-and-set as the only lock.
 
 Redelivery is the normal case, not an edge case. Each task record remembers the fact
-that scheduled it (``cause``), and the commands of a decision are derived from the new
-state as "everything this fact caused" (`commands_caused_by`). So a fact applied a
-second time, after a crash between the KV write and the publish, gives back the same
-state and the same commands, and message-id dedupe drops the copies downstream.
+that scheduled it (``cause``), the saga remembers the fact that ended it (``ended_by``),
+and the commands of a decision are derived from the new state as "everything this fact
+caused" (`commands_caused_by`). So a fact applied a second time, after a crash between
+the KV write and the publish, gives back the same state and the same commands, and
+message-id dedupe drops the copies downstream.
+
+The walk: `_run` starts a task; tasks that finish inside the decision (SWITCH, EVENT,
+SET_VARIABLE, JOIN, TERMINATE) go straight on with `_finish_task`, which follows the
+task's `After`: the next task, the end of a FORK branch (the FORK completes once every
+branch has), or the end of the workflow. SIMPLE, WAIT, DELAY and SUB_WORKFLOW stop the
+walk until their result comes back as a fact.
 """
 
 from __future__ import annotations
 
+import datetime
+import re
 from typing import Final
 
 import msgspec
 
 from kapellmeister.definitions import (
     Definition,
+    DelayTask,
     EventTask,
+    ForkTask,
+    JoinTask,
+    Node,
     SetVariableTask,
     SimpleTask,
+    SubWorkflowTask,
     SwitchTask,
+    TaskDef,
     TerminateTask,
+    WaitTask,
 )
 from kapellmeister.expressions import Json, switch_key
 from kapellmeister.messages import (
@@ -31,41 +47,81 @@ from kapellmeister.messages import (
     Command,
     Fact,
     Failure,
+    NotifyParent,
+    ParentLink,
     PublishEvent,
+    Refusal,
     RunTask,
     Saga,
+    ScheduleTimer,
+    SignalReceived,
     Started,
+    StartWorkflow,
     TaskCompleted,
     TaskFailed,
     TaskRecord,
+    TaskStatus,
+    TerminateRequested,
     WorkflowStatus,
+    utc_text,
 )
 
-__all__ = ["Decision", "commands_caused_by", "decide", "fact_id", "task_msg_id"]
+__all__ = [
+    "Decision",
+    "child_workflow_id",
+    "commands_caused_by",
+    "decide",
+    "fact_id",
+    "node_of",
+    "task_msg_id",
+]
 
 START: Final = "start"
 _WAITING: Final = frozenset({"SCHEDULED", "IN_PROGRESS"})
+_INSTANCE: Final = re.compile(r"^(?P<ref>[A-Za-z_][A-Za-z0-9_]*)\[(?P<index>\d+)\]$")
 
 
 class Decision(msgspec.Struct, frozen=True):
-    """The new state (the same object when nothing changed) and the commands to emit."""
+    """The new state (the same object when nothing changed) and the commands to emit.
+
+    ``refusal`` is set when a request-driven fact (a signal, a terminate) does not apply
+    to the workflow as it is: the runtime replies with its code and changes nothing.
+    """
 
     state: Saga | None
     commands: tuple[Command, ...]
+    refusal: Refusal | None = None
 
 
 def fact_id(fact: Fact) -> str:
-    """The id of a fact within its workflow: what task records name as their cause."""
+    """The id of a fact within its workflow: what records name as their cause."""
     match fact:
         case Started():
             return START
         case TaskCompleted(ref=ref, attempt=attempt) | TaskFailed(ref=ref, attempt=attempt):
             return f"{ref}#{attempt}"
+        case SignalReceived(ref=ref):
+            return f"signal:{ref}"
+        case TerminateRequested():
+            return "terminate"
 
 
 def task_msg_id(workflow_id: str, ref: str, attempt: int) -> str:
     """The ``Nats-Msg-Id`` of a task attempt's request; its result and events derive from it."""
     return f"{workflow_id}:{ref}:{attempt}"
+
+
+def child_workflow_id(workflow_id: str, ref: str, attempt: int) -> str:
+    """The id of the child a SUB_WORKFLOW task starts: the same on every redelivery."""
+    return f"{workflow_id}-{ref.replace('[', '-').replace(']', '')}-{attempt}"
+
+
+def node_of(definition: Definition, ref: str) -> Node | None:
+    """The definition node of a record's ref (``report[3]`` is an item of ``report``)."""
+    node = definition.nodes.get(ref)
+    if node is None and (match := _INSTANCE.match(ref)):
+        node = definition.nodes.get(match["ref"])
+    return node
 
 
 def decide(definition: Definition, state: Saga | None, fact: Fact) -> Decision:
@@ -75,10 +131,16 @@ def decide(definition: Definition, state: Saga | None, fact: Fact) -> Decision:
             if state is not None:
                 return Decision(state, commands_caused_by(definition, state, START))
             return _start(definition, fact)
+    if state is None:
+        return Decision(None, ())
+    match fact:
         case TaskCompleted() | TaskFailed():
-            if state is None:
-                return Decision(None, ())
             return _task_ended(definition, state, fact)
+        case SignalReceived():
+            return _signal(definition, state, fact)
+        case TerminateRequested():
+            return _terminate(definition, state, fact)
+    return Decision(state, ())  # pragma: no cover - every fact type is matched above
 
 
 def commands_caused_by(definition: Definition, state: Saga, cause: str) -> tuple[Command, ...]:
@@ -87,41 +149,86 @@ def commands_caused_by(definition: Definition, state: Saga, cause: str) -> tuple
     for record in state.tasks:
         if record.cause != cause:
             continue
-        msg_id = task_msg_id(state.workflow_id, record.ref, record.attempt)
-        task = definition.nodes[record.ref].task
-        if isinstance(task, SimpleTask) and record.status == "SCHEDULED":
-            commands.append(
-                RunTask(
-                    msg_id=msg_id,
-                    workflow_id=state.workflow_id,
-                    workflow=state.workflow,
-                    ref=record.ref,
-                    task=task.task,
-                    attempt=record.attempt,
-                    input=record.input,
-                )
+        node = node_of(definition, record.ref)
+        if node is None:
+            continue
+        command = _command(state, record, node.task)
+        if command is not None:
+            commands.append(command)
+    if state.parent is not None and state.ended_by == cause and state.status in TERMINAL:
+        commands.append(
+            NotifyParent(
+                msg_id=f"{state.workflow_id}:ended",
+                parent=state.parent,
+                child=state.workflow_id,
+                status=state.status,
+                output=state.output,
+                error=state.error,
             )
-        elif isinstance(task, EventTask) and record.status == "COMPLETED":
-            commands.append(PublishEvent(msg_id=msg_id, subject=task.subject, data=record.input))
+        )
     return tuple(commands)
+
+
+def _command(state: Saga, record: TaskRecord, task: TaskDef) -> Command | None:
+    msg_id = task_msg_id(state.workflow_id, record.ref, record.attempt)
+    match task:
+        case SimpleTask(task=name) if record.status == "SCHEDULED":
+            return RunTask(
+                msg_id=msg_id,
+                workflow_id=state.workflow_id,
+                workflow=state.workflow,
+                ref=record.ref,
+                task=name,
+                attempt=record.attempt,
+                input=record.input,
+            )
+        case EventTask(subject=subject) if record.status == "COMPLETED":
+            return PublishEvent(msg_id=msg_id, subject=subject, data=record.input)
+        case DelayTask() if record.status == "SCHEDULED" and isinstance(record.input, dict):
+            return ScheduleTimer(
+                msg_id=msg_id,
+                workflow_id=state.workflow_id,
+                ref=record.ref,
+                attempt=record.attempt,
+                fire_at=str(record.input.get("fire_at", "")),
+            )
+        case SubWorkflowTask(workflow=name, version=version) if record.status in _WAITING:
+            return StartWorkflow(
+                msg_id=msg_id,
+                workflow_id=record.child or "",
+                workflow=name,
+                version=version,
+                input=record.input,
+                tenant=state.tenant,
+                parent=ParentLink(
+                    workflow_id=state.workflow_id, ref=record.ref, attempt=record.attempt
+                ),
+            )
+    return None
 
 
 class _Draft:
     """The saga being changed by one decision; frozen back into a `Saga` at the end."""
 
-    def __init__(self, definition: Definition, state: Saga, at: str) -> None:
+    def __init__(self, definition: Definition, state: Saga, at: str, cause: str) -> None:
         self.definition = definition
         self.state = state
         self.at = at
+        self.cause = cause
         self.tasks = {t.ref: t for t in state.tasks}
         self.variables = dict(state.variables)
         self.status: WorkflowStatus = state.status
         self.output: Json = state.output
         self.error = state.error
+        self.ended_by = state.ended_by
         self._context: dict[str, Json] | None = None
 
-    def context(self) -> dict[str, Json]:
-        """What expressions see: ``workflow`` and one root per task ref.
+    @property
+    def running(self) -> bool:
+        return self.status == "RUNNING"
+
+    def context(self, **extra: Json) -> dict[str, Json]:
+        """What expressions see: ``workflow`` and one root per task ref (plus ``extra``).
 
         Built once per decision and kept current by `put` and `set_variables`, so walking
         several SWITCH/EVENT steps does not rebuild it at each one.
@@ -138,7 +245,7 @@ class _Draft:
                 "variables": dict(self.variables),
             }
             self._context = roots
-        return self._context
+        return {**self._context, **extra} if extra else self._context
 
     def put(self, record: TaskRecord) -> None:
         self.tasks[record.ref] = record
@@ -149,26 +256,33 @@ class _Draft:
         self.variables.update(values)
         self._context = None
 
-    def record(self, ref: str, cause: str, *, status: str = "COMPLETED", **fields: Json) -> None:
-        task = self.definition.nodes[ref].task
+    def record(
+        self, ref: str, task: TaskDef, *, status: TaskStatus = "COMPLETED", **fields: Json
+    ) -> TaskRecord:
         previous = self.tasks.get(ref)
         attempt = previous.attempt + 1 if previous is not None else 1
-        done = status != "SCHEDULED"
+        done = status not in _WAITING
         record = TaskRecord(
             ref=ref,
-            name=task.task if isinstance(task, SimpleTask) else "",
+            name=_task_name(task),
             type=type(task).__struct_config__.tag or "",  # type: ignore[arg-type]
-            status=status,  # type: ignore[arg-type]
+            status=status,
             attempt=attempt,
             scheduled_at=self.at,
-            started_at=self.at if done else None,
+            started_at=self.at if status != "SCHEDULED" else None,
             ended_at=self.at if done else None,
-            cause=cause,
+            cause=self.cause,
         )
-        self.put(msgspec.structs.replace(record, **fields))
+        record = msgspec.structs.replace(record, **fields)
+        self.put(record)
+        return record
 
     def finish(self, status: WorkflowStatus, output: Json, error: Failure | None = None) -> None:
-        self.status, self.output, self.error = status, output, error
+        """End the workflow; whatever was still waiting is CANCELED."""
+        self.status, self.output, self.error, self.ended_by = status, output, error, self.cause
+        for record in list(self.tasks.values()):
+            if record.status in _WAITING:
+                self.put(msgspec.structs.replace(record, status="CANCELED", ended_at=self.at))
 
     def freeze(self) -> Saga:
         return msgspec.structs.replace(
@@ -181,7 +295,18 @@ class _Draft:
             # Facts are stamped by different clocks (the conductor's, the stream's): never
             # let a late-stamped fact move the saga's clock backwards.
             updated_at=max(self.state.updated_at, self.at),
+            last_fact=self.cause,
+            ended_by=self.ended_by,
         )
+
+
+def _task_name(task: TaskDef) -> str:
+    match task:
+        case SimpleTask(task=name):
+            return name
+        case SubWorkflowTask(workflow=name):
+            return name
+    return ""
 
 
 def _root(record: TaskRecord) -> Json:
@@ -191,6 +316,11 @@ def _root(record: TaskRecord) -> Json:
         "status": record.status,
         "attempt": record.attempt,
     }
+
+
+def _decided(definition: Definition, draft: _Draft) -> Decision:
+    new = draft.freeze()
+    return Decision(new, commands_caused_by(definition, new, draft.cause))
 
 
 def _start(definition: Definition, fact: Started) -> Decision:
@@ -205,11 +335,11 @@ def _start(definition: Definition, fact: Started) -> Decision:
         updated_at=fact.at,
         trace_id=fact.trace_id,
         traceparent=fact.traceparent,
+        parent=fact.parent,
     )
-    draft = _Draft(definition, state, fact.at)
-    _advance(draft, definition.first, START)
-    new = draft.freeze()
-    return Decision(new, commands_caused_by(definition, new, START))
+    draft = _Draft(definition, state, fact.at, START)
+    _run(draft, definition.first)
+    return _decided(definition, draft)
 
 
 def _task_ended(definition: Definition, state: Saga, fact: TaskCompleted | TaskFailed) -> Decision:
@@ -221,79 +351,233 @@ def _task_ended(definition: Definition, state: Saga, fact: TaskCompleted | TaskF
         return Decision(state, commands_caused_by(definition, state, cause))  # redelivery
     if state.status in TERMINAL:
         return Decision(state, ())
-    draft = _Draft(definition, state, fact.at)
-    node = definition.nodes[fact.ref]
+    node = node_of(definition, fact.ref)
+    if node is None:
+        return Decision(state, ())
+    draft = _Draft(definition, state, fact.at, cause)
     match fact:
         case TaskCompleted(output=output):
             draft.put(_ended(record, "COMPLETED", fact, output=output))
-            _advance(draft, node.successor, cause)
+            _finish_task(draft, fact.ref)
         case TaskFailed(error=error):
             draft.put(_ended(record, "FAILED", fact, error=error))
-            if isinstance(node.task, SimpleTask) and node.task.optional:
-                _advance(draft, node.successor, cause)
+            if getattr(node.task, "optional", False):
+                _finish_task(draft, fact.ref)
             else:
                 message = f"task {fact.ref!r} failed: {error.message}"
                 draft.finish(
                     "FAILED", None, Failure(type="task_failed", message=message, task=fact.ref)
                 )
-    new = draft.freeze()
-    return Decision(new, commands_caused_by(definition, new, cause))
+    return _decided(definition, draft)
+
+
+def _signal(definition: Definition, state: Saga, fact: SignalReceived) -> Decision:
+    node = node_of(definition, fact.ref)
+    if node is None:
+        return Decision(state, (), Refusal(404, f"{state.workflow} has no task {fact.ref!r}"))
+    if state.status in TERMINAL:
+        return Decision(state, (), Refusal(409, f"workflow {state.workflow_id} is {state.status}"))
+    record = next((t for t in state.tasks if t.ref == fact.ref), None)
+    if not isinstance(node.task, WaitTask) or record is None or record.status not in _WAITING:
+        shown = "not reached yet" if record is None else record.status
+        return Decision(
+            state, (), Refusal(409, f"task {fact.ref!r} is not waiting for a signal ({shown})")
+        )
+    draft = _Draft(definition, state, fact.at, fact_id(fact))
+    draft.put(
+        msgspec.structs.replace(record, status="COMPLETED", output=fact.output, ended_at=fact.at)
+    )
+    _finish_task(draft, fact.ref)
+    return _decided(definition, draft)
+
+
+def _terminate(definition: Definition, state: Saga, fact: TerminateRequested) -> Decision:
+    if state.status in TERMINAL:
+        return Decision(state, (), Refusal(409, f"workflow {state.workflow_id} is {state.status}"))
+    draft = _Draft(definition, state, fact.at, fact_id(fact))
+    draft.finish(
+        "TERMINATED", None, Failure(type="terminated", message=fact.reason or "terminated")
+    )
+    return _decided(definition, draft)
 
 
 def _ended(
-    record: TaskRecord, status: str, fact: TaskCompleted | TaskFailed, **fields: Json | Failure
+    record: TaskRecord,
+    status: TaskStatus,
+    fact: TaskCompleted | TaskFailed,
+    **fields: Json | Failure,
 ) -> TaskRecord:
     return msgspec.structs.replace(
         record,
         status=status,
-        started_at=fact.started_at or record.scheduled_at,
+        started_at=fact.started_at or record.started_at or record.scheduled_at,
         ended_at=fact.at,
         worker=fact.worker,
         **fields,
     )
 
 
-def _advance(draft: _Draft, ref: str | None, cause: str) -> None:
-    """Run the definition forward from ``ref`` until a task must wait or the workflow ends.
+def _run(draft: _Draft, ref: str, **extra: Json) -> None:
+    """Start task ``ref``; run on through every task that finishes inside the decision."""
+    if not draft.running:
+        return
+    node = draft.definition.nodes[ref]
+    templates = node.templates
+    match node.task:
+        case SimpleTask() | WaitTask() | SubWorkflowTask() as task:
+            _schedule(draft, ref, task, templates["input"].evaluate(draft.context(**extra)))
+        case DelayTask() as task:
+            _delay(draft, ref, task, templates["duration_s"].evaluate(draft.context()))
+        case SwitchTask() as task:
+            _switch(draft, ref, task, templates["expression"].evaluate(draft.context()))
+        case EventTask() as task:
+            draft.record(ref, task, input=templates["input"].evaluate(draft.context()))
+            _finish_task(draft, ref)
+        case SetVariableTask() as task:
+            values = templates["input"].evaluate(draft.context())
+            if isinstance(values, dict):
+                draft.set_variables(values)
+            draft.record(ref, task, input=values)
+            _finish_task(draft, ref)
+        case JoinTask(join_on=join_on) as task:
+            outputs = {r: t.output for r in join_on if (t := draft.tasks.get(r)) is not None}
+            draft.record(ref, task, output=outputs)
+            _finish_task(draft, ref)
+        case TerminateTask(status=status, reason=reason) as task:
+            output = templates["output"].evaluate(draft.context())
+            draft.record(ref, task, output=output)
+            error = Failure(
+                type="terminated", message=reason or f"terminated by task {ref!r}", task=ref
+            )
+            draft.finish(status, output, error if status == "FAILED" else None)
+        case ForkTask() as task:
+            _fork(draft, ref, task)
 
-    SWITCH, EVENT, SET_VARIABLE and TERMINATE complete inside the decision; SIMPLE stops
-    the walk until its result comes back as a fact.
-    """
-    definition = draft.definition
-    while ref is not None:
-        node = definition.nodes[ref]
-        templates = node.templates
-        match node.task:
-            case SimpleTask():
-                data = templates["input"].evaluate(draft.context())
-                draft.record(ref, cause, status="SCHEDULED", input=data)
-                return
-            case SwitchTask(cases=cases, default=default):
-                value = templates["expression"].evaluate(draft.context())
-                key = switch_key(value)
-                branch = cases.get(key, default)
-                draft.record(
-                    ref,
-                    cause,
-                    input={"value": value},
-                    output={"case": key if key in cases else "default"},
-                )
-                ref = branch[0].ref if branch else node.successor
-            case EventTask():
-                draft.record(ref, cause, input=templates["input"].evaluate(draft.context()))
-                ref = node.successor
-            case SetVariableTask():
-                values = templates["input"].evaluate(draft.context())
-                if isinstance(values, dict):
-                    draft.set_variables(values)
-                draft.record(ref, cause, input=values)
-                ref = node.successor
-            case TerminateTask(status=status, reason=reason):
-                output = templates["output"].evaluate(draft.context())
-                draft.record(ref, cause, output=output)
-                error = Failure(
-                    type="terminated", message=reason or f"terminated by task {ref!r}", task=ref
-                )
-                draft.finish(status, output, error if status == "FAILED" else None)
-                return
-    draft.finish("COMPLETED", definition.output.evaluate(draft.context()))
+
+def _delay(draft: _Draft, ref: str, task: DelayTask, seconds: Json) -> None:
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
+        _fail(draft, ref, f"DELAY {ref!r}: duration_s is {seconds!r}, not seconds")
+        return
+    fire_at = utc_text(_parse(draft.at) + datetime.timedelta(seconds=seconds))
+    draft.record(ref, task, status="SCHEDULED", input={"duration_s": seconds, "fire_at": fire_at})
+
+
+def _switch(draft: _Draft, ref: str, task: SwitchTask, value: Json) -> None:
+    key = switch_key(value)
+    branch = task.cases.get(key, task.default)
+    case_name = key if key in task.cases else "default"
+    draft.record(ref, task, input={"value": value}, output={"case": case_name})
+    if branch:
+        _run(draft, branch[0].ref)
+    else:
+        _finish_task(draft, ref)
+
+
+def _schedule(
+    draft: _Draft, ref: str, task: SimpleTask | WaitTask | SubWorkflowTask, data: Json
+) -> None:
+    if isinstance(task, WaitTask):
+        draft.record(ref, task, status="IN_PROGRESS", input=data)
+        return
+    record = draft.record(ref, task, status="SCHEDULED", input=data)
+    if isinstance(task, SubWorkflowTask):
+        child = child_workflow_id(draft.state.workflow_id, ref, record.attempt)
+        draft.put(msgspec.structs.replace(record, child=child))
+
+
+def _fork(draft: _Draft, ref: str, task: ForkTask) -> None:
+    if task.each is None:
+        draft.record(ref, task, status="IN_PROGRESS", branches_done=[])
+        for b, branch in enumerate(task.branches):
+            if branch:
+                _run(draft, branch[0].ref)
+            else:
+                _branch_done(draft, ref, b)
+        return
+    items = draft.definition.nodes[ref].templates["over"].evaluate(draft.context())
+    if not isinstance(items, list):
+        _fail(draft, ref, f"FORK {ref!r}: `over` is {type(items).__name__}, not a list")
+        return
+    draft.record(ref, task, status="IN_PROGRESS", input={"items": len(items)}, branches_done=[])
+    if not items:
+        _complete_fork(draft, ref)
+        return
+    each = task.each
+    for index, item in enumerate(items):
+        instance = f"{each.ref}[{index}]"
+        data = (
+            draft.definition.nodes[each.ref]
+            .templates["input"]
+            .evaluate(draft.context(item=item, index=index))
+        )
+        assert isinstance(each, SimpleTask | SubWorkflowTask)
+        _schedule(draft, instance, each, data)
+
+
+def _fail(draft: _Draft, ref: str, message: str) -> None:
+    draft.finish("FAILED", None, Failure(type="task_failed", message=message, task=ref))
+
+
+def _finish_task(draft: _Draft, ref: str) -> None:
+    """Task ``ref`` is done: go where its `After` says."""
+    if not draft.running:
+        return
+    if match := _INSTANCE.match(ref):
+        node = draft.definition.nodes[match["ref"]]
+        assert node.after.ref is not None
+        _branch_done(draft, node.after.ref, int(match["index"]))
+        return
+    after = draft.definition.nodes[ref].after
+    match after.kind:
+        case "next":
+            assert after.ref is not None
+            _run(draft, after.ref)
+        case "branch":
+            assert after.ref is not None
+            _branch_done(draft, after.ref, after.branch)
+        case "end":
+            draft.finish("COMPLETED", draft.definition.output.evaluate(draft.context()))
+
+
+def _branch_done(draft: _Draft, fork_ref: str, branch: int) -> None:
+    record = draft.tasks[fork_ref]
+    done = sorted({*(record.branches_done or []), branch})
+    draft.put(msgspec.structs.replace(record, branches_done=done))
+    task = draft.definition.nodes[fork_ref].task
+    assert isinstance(task, ForkTask)
+    expected = len(task.branches) if task.each is None else _items(record)
+    if len(done) >= expected:
+        _complete_fork(draft, fork_ref)
+
+
+def _items(record: TaskRecord) -> int:
+    """How many items a dynamic FORK fanned out over (kept in its record's input)."""
+    count = record.input.get("items") if isinstance(record.input, dict) else None
+    return count if isinstance(count, int) else 0
+
+
+def _complete_fork(draft: _Draft, fork_ref: str) -> None:
+    record = draft.tasks[fork_ref]
+    task = draft.definition.nodes[fork_ref].task
+    assert isinstance(task, ForkTask)
+    output: Json
+    if task.each is not None:
+        output = [_output_of(draft, f"{task.each.ref}[{i}]") for i in range(_items(record))]
+    else:
+        inside = {
+            n
+            for n, node in draft.definition.nodes.items()
+            if node.path.startswith(draft.definition.nodes[fork_ref].path + ".")
+        }
+        output = {r: t.output for r, t in draft.tasks.items() if r in inside}
+    draft.put(msgspec.structs.replace(record, status="COMPLETED", output=output, ended_at=draft.at))
+    _finish_task(draft, fork_ref)
+
+
+def _output_of(draft: _Draft, ref: str) -> Json:
+    record = draft.tasks.get(ref)
+    return record.output if record is not None else None
+
+
+def _parse(text: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))

@@ -33,14 +33,20 @@ from kapellmeister.expressions import (
 )
 
 __all__ = [
+    "After",
     "Definition",
+    "DelayTask",
     "EventTask",
+    "ForkTask",
+    "JoinTask",
     "RetryPolicy",
     "SetVariableTask",
     "SimpleTask",
+    "SubWorkflowTask",
     "SwitchTask",
     "TaskDef",
     "TerminateTask",
+    "WaitTask",
     "WorkflowDef",
     "compile_definition",
     "load_definition",
@@ -53,7 +59,7 @@ NAME_PATTERN: Final = r"^[A-Za-z0-9_-]{1,64}$"
 REF_PATTERN: Final = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 TASK_PATTERN: Final = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
 SUBJECT_PATTERN: Final = r"^events(\.[A-Za-z0-9_-]+)+$"
-RESERVED_REFS: Final = frozenset({"workflow", "event"})
+RESERVED_REFS: Final = frozenset({"workflow", "event", "item", "index"})
 
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 Ref = Annotated[str, msgspec.Meta(pattern=REF_PATTERN)]
@@ -118,7 +124,66 @@ class SetVariableTask(_Task, tag="SET_VARIABLE", frozen=True):
     input: dict[str, Json] = {}
 
 
-TaskDef = SimpleTask | SwitchTask | EventTask | TerminateTask | SetVariableTask
+class WaitTask(_Task, tag="WAIT", frozen=True):
+    """Wait for ``conductor.signal.<workflow_id>.<ref>``; the signal's body is the output.
+
+    ``input`` is shown in the saga state (what is being waited for, e.g. the amount).
+    """
+
+    input: dict[str, Json] = {}
+
+
+class DelayTask(_Task, tag="DELAY", frozen=True):
+    """Wait ``duration_s`` seconds (a number or an expression), durably.
+
+    The timer is a JetStream scheduled message: it fires on the server's clock and
+    survives conductor restarts. Resolution is one second.
+    """
+
+    duration_s: Annotated[float, msgspec.Meta(ge=0)] | str
+
+
+class ForkTask(_Task, tag="FORK", frozen=True):
+    """Run branches in parallel and continue when all have finished.
+
+    Static: ``branches`` (Conductor's ``forkTasks``), each a list of tasks. Dynamic:
+    ``over`` (an expression naming a list) and ``each`` (one task run once per item, with
+    ``${item}`` and ``${index}`` in its input). Output: the outputs of the branch tasks by
+    ref (static), or the list of ``each``'s outputs in item order (dynamic).
+    """
+
+    branches: list[list[TaskDef]] = []
+    over: str | None = None
+    each: TaskDef | None = None
+
+
+class JoinTask(_Task, tag="JOIN", frozen=True):
+    """Conductor's JOIN after a FORK: output ``{ref: output}`` of the ``join_on`` refs."""
+
+    join_on: list[Ref] = []
+
+
+class SubWorkflowTask(_Task, tag="SUB_WORKFLOW", frozen=True):
+    """Start workflow ``workflow`` (its own saga, linked both ways) and wait for its end."""
+
+    workflow: Name
+    version: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    input: dict[str, Json] = {}
+    optional: bool = False
+
+
+TaskDef = (
+    SimpleTask
+    | SwitchTask
+    | EventTask
+    | TerminateTask
+    | SetVariableTask
+    | WaitTask
+    | DelayTask
+    | ForkTask
+    | JoinTask
+    | SubWorkflowTask
+)
 
 
 class WorkflowDef(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -144,8 +209,10 @@ _ALIASES: Final = {
     "timeoutSeconds": "timeout_s",
     "responseTimeoutSeconds": "response_timeout_s",
     "timeoutPolicy": "timeout_policy",
+    "forkTasks": "branches",
+    "joinOn": "join_on",
 }
-_TYPE_ALIASES: Final = {"DECISION": "SWITCH"}
+_TYPE_ALIASES: Final = {"DECISION": "SWITCH", "FORK_JOIN": "FORK"}
 
 
 def _normalize_task(raw: Any) -> Any:
@@ -171,6 +238,15 @@ def _normalize_task(raw: Any) -> Any:
         }
     if "default" in task:
         task["default"] = _normalize_tasks(task["default"])
+    if isinstance(task.get("branches"), list):
+        task["branches"] = [_normalize_tasks(b) for b in task["branches"]]
+    if "each" in task:
+        task["each"] = _normalize_task(task["each"])
+    sub = task.pop("subWorkflowParam", None)
+    if isinstance(sub, dict):
+        task.setdefault("workflow", sub.get("name"))
+        if sub.get("version") is not None:
+            task.setdefault("version", sub.get("version"))
     return task
 
 
@@ -235,13 +311,33 @@ def _input_struct(name: str, schema: Mapping[str, str]) -> type[msgspec.Struct]:
     return msgspec.defstruct(f"{name}_input", fields, kw_only=True, forbid_unknown_fields=True)
 
 
+class After(msgspec.Struct, frozen=True):
+    """Where the walk goes once a task is done.
+
+    ``next``: run ``ref``. ``branch``: branch ``branch`` of FORK ``ref`` is finished.
+    ``instance``: one item of dynamic FORK ``ref`` is finished. ``end``: the workflow is.
+    """
+
+    kind: Literal["next", "branch", "instance", "end"]
+    ref: str | None = None
+    branch: int = 0
+
+
+_END: Final = After("end")
+
+
 class Node(msgspec.Struct, frozen=True):
-    """One task of a compiled definition: its def, where it sits, what comes next."""
+    """One task of a compiled definition: its def, where it sits, what comes after it."""
 
     task: TaskDef
     path: str
-    successor: str | None
+    after: After
     templates: Mapping[str, Compiled]
+
+    @property
+    def successor(self) -> str | None:
+        """The next task in sequence, if the walk simply goes on to one."""
+        return self.after.ref if self.after.kind == "next" else None
 
 
 class Definition:
@@ -273,16 +369,24 @@ class Definition:
         return f"Definition({self.name!r}, version={self.version})"
 
 
-def _walk(
-    tasks: Sequence[TaskDef], path: str
-) -> Iterator[tuple[TaskDef, str, Sequence[TaskDef], int]]:
+def _link(
+    tasks: Sequence[TaskDef], path: str, after: After
+) -> Iterator[tuple[TaskDef, str, After]]:
+    """Every task under ``tasks`` with its path and what comes after it."""
     for i, task in enumerate(tasks):
         here = f"{path}[{i}]"
-        yield task, here, tasks, i
-        if isinstance(task, SwitchTask):
-            for key, branch in task.cases.items():
-                yield from _walk(branch, f"{here}.cases.{key}")
-            yield from _walk(task.default, f"{here}.default")
+        then = After("next", tasks[i + 1].ref) if i + 1 < len(tasks) else after
+        yield task, here, then
+        match task:
+            case SwitchTask(cases=cases, default=default):
+                for key, branch in cases.items():
+                    yield from _link(branch, f"{here}.cases.{key}", then)
+                yield from _link(default, f"{here}.default", then)
+            case ForkTask(branches=branches, each=each):
+                for b, branch in enumerate(branches):
+                    yield from _link(branch, f"{here}.branches[{b}]", After("branch", task.ref, b))
+                if each is not None:
+                    yield each, f"{here}.each", After("instance", task.ref)
 
 
 def _templates(task: TaskDef, path: str) -> dict[str, Compiled]:
@@ -294,47 +398,65 @@ def _templates(task: TaskDef, path: str) -> dict[str, Compiled]:
 
 def _compile_templates(task: TaskDef) -> dict[str, Compiled]:
     match task:
-        case SimpleTask(input=data) | EventTask(input=data) | SetVariableTask(input=data):
+        case (
+            SimpleTask(input=data)
+            | EventTask(input=data)
+            | SetVariableTask(input=data)
+            | WaitTask(input=data)
+            | SubWorkflowTask(input=data)
+        ):
             return {"input": compile_value(dict(data))}
         case TerminateTask(output=data):
             return {"output": compile_value(dict(data))}
         case SwitchTask(expression=expression):
             return {"expression": compile_value(expression)}
+        case DelayTask(duration_s=duration):
+            return {"duration_s": compile_value(duration)}
+        case ForkTask(over=over) if over is not None:
+            return {"over": compile_value(over)}
     return {}
 
 
+def _check_shape(task: TaskDef, path: str, previous: TaskDef | None) -> None:
+    match task:
+        case ForkTask(branches=branches, over=over, each=each):
+            if bool(branches) == (over is not None or each is not None):
+                raise InvalidDefinition(
+                    f"a FORK has either `branches` or `over` with `each` - at `{path}`"
+                )
+            if (over is None) != (each is None):
+                raise InvalidDefinition(
+                    f"a dynamic FORK needs both `over` and `each` - at `{path}`"
+                )
+            if each is not None and not isinstance(each, SimpleTask | SubWorkflowTask):
+                raise InvalidDefinition(
+                    f"`each` must be a SIMPLE or SUB_WORKFLOW task - at `{path}.each`"
+                )
+        case JoinTask():
+            if not isinstance(previous, ForkTask):
+                raise InvalidDefinition(f"a JOIN must come right after a FORK - at `{path}`")
+
+
 def compile_definition(spec: WorkflowDef) -> Definition:
-    """Index, link and statically check a decoded definition.
+    """Index, link and structurally check a decoded definition.
 
     Raises:
-        InvalidDefinition: a duplicate or reserved ref, or an expression naming a task
-            ref the definition does not have; the message names the path.
+        InvalidDefinition: a duplicate or reserved ref, a misshapen FORK or JOIN, or an
+            expression naming a task ref the definition does not have; the message names
+            the path.
     """
     _input_struct(spec.name, spec.input)
     nodes: dict[str, Node] = {}
-    parents: dict[str, str | None] = {}
-    for task, path, siblings, index in _walk(spec.tasks, "tasks"):
+    previous: dict[str, TaskDef] = {}
+    for task, path, after in _link(spec.tasks, "tasks", _END):
         if task.ref in RESERVED_REFS:
             raise InvalidDefinition(f"ref {task.ref!r} is reserved - at `{path}.ref`")
         if task.ref in nodes:
             raise InvalidDefinition(f"duplicate ref {task.ref!r} - at `{path}.ref`")
-        following = siblings[index + 1].ref if index + 1 < len(siblings) else None
-        parents[task.ref] = following
-        nodes[task.ref] = Node(task, path, following, _templates(task, path))
-    # A branch's last task continues after its SWITCH: resolve successors upward.
-    owners = {
-        child.ref: task.ref
-        for task, _, _, _ in _walk(spec.tasks, "tasks")
-        if isinstance(task, SwitchTask)
-        for branch in (*task.cases.values(), task.default)
-        for child in branch
-    }
-    for ref, node in nodes.items():
-        successor, cursor = node.successor, ref
-        while successor is None and cursor in owners:
-            cursor = owners[cursor]
-            successor = parents[cursor]
-        nodes[ref] = msgspec.structs.replace(node, successor=successor)
+        if after.kind == "next" and after.ref is not None:
+            previous[after.ref] = task
+        _check_shape(task, path, previous.get(task.ref))
+        nodes[task.ref] = Node(task, path, after, _templates(task, path))
     _check_references(spec, nodes)
     return Definition(spec, nodes)
 
@@ -360,6 +482,13 @@ def _check_references(spec: WorkflowDef, nodes: Mapping[str, Node]) -> None:
                 raise InvalidDefinition(
                     f"expression names unknown task ref {path[0]!r} - at `{place}`"
                 )
+    for node in nodes.values():
+        if isinstance(node.task, JoinTask):
+            for i, ref in enumerate(node.task.join_on):
+                if ref not in nodes:
+                    raise InvalidDefinition(
+                        f"join_on names unknown task ref {ref!r} - at `{node.path}.join_on[{i}]`"
+                    )
 
 
 def load_definition(path: Path) -> Definition:

@@ -22,6 +22,13 @@ import msgspec
 from kapellmeister.expressions import Json
 
 __all__ = [
+    "TerminateRequested",
+    "StartWorkflow",
+    "SignalReceived",
+    "ScheduleTimer",
+    "Refusal",
+    "ParentLink",
+    "NotifyParent",
     "Command",
     "Failure",
     "Fact",
@@ -118,6 +125,18 @@ class TaskRecord(msgspec.Struct, frozen=True, kw_only=True):
     ended_at: str | None = None
     cause: str = ""
     worker: str = ""
+    # A SUB_WORKFLOW's child workflow id.
+    child: str | None = None
+    # A FORK's finished branches (static) or items (dynamic), by index.
+    branches_done: list[int] | None = None
+
+
+class ParentLink(msgspec.Struct, frozen=True, kw_only=True):
+    """The SUB_WORKFLOW task a child workflow reports to when it ends."""
+
+    workflow_id: str
+    ref: str
+    attempt: int
 
 
 class Saga(msgspec.Struct, frozen=True, kw_only=True):
@@ -137,6 +156,10 @@ class Saga(msgspec.Struct, frozen=True, kw_only=True):
     error: Failure | None = None
     variables: dict[str, Json] = {}
     tasks: tuple[TaskRecord, ...] = ()
+    parent: ParentLink | None = None
+    # The id of the last fact applied, and of the fact that ended the workflow.
+    last_fact: str = ""
+    ended_by: str = ""
 
 
 # --- facts: what happened, the decider's input -----------------------------------------
@@ -151,6 +174,7 @@ class Started(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     tenant: str = ""
     trace_id: str = ""
     traceparent: str = ""
+    parent: ParentLink | None = None
 
 
 class TaskCompleted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -173,7 +197,24 @@ class TaskFailed(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     worker: str = ""
 
 
-Fact = Started | TaskCompleted | TaskFailed
+class SignalReceived(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """``conductor.signal.<workflow_id>.<ref>``: completes a waiting WAIT task."""
+
+    workflow_id: str
+    ref: str
+    output: Json
+    at: str
+
+
+class TerminateRequested(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """``conductor.terminate.<workflow_id>``: end the workflow TERMINATED now."""
+
+    workflow_id: str
+    reason: str
+    at: str
+
+
+Fact = Started | TaskCompleted | TaskFailed | SignalReceived | TerminateRequested
 
 
 # --- commands: what to do, the decider's output ----------------------------------------
@@ -199,7 +240,47 @@ class PublishEvent(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     data: Json
 
 
-Command = RunTask | PublishEvent
+class ScheduleTimer(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Have JetStream deliver a completed result for ``ref`` at ``fire_at`` (a DELAY)."""
+
+    msg_id: str
+    workflow_id: str
+    ref: str
+    attempt: int
+    fire_at: str
+
+
+class StartWorkflow(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Start a child workflow (a SUB_WORKFLOW task); idempotent by ``workflow_id``."""
+
+    msg_id: str
+    workflow_id: str
+    workflow: str
+    version: int | None
+    input: Json
+    tenant: str
+    parent: ParentLink
+
+
+class NotifyParent(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Report a finished child workflow to its parent as the result of its SUB_WORKFLOW."""
+
+    msg_id: str
+    parent: ParentLink
+    child: str
+    status: WorkflowStatus
+    output: Json
+    error: Failure | None = None
+
+
+Command = RunTask | PublishEvent | ScheduleTimer | StartWorkflow | NotifyParent
+
+
+class Refusal(msgspec.Struct, frozen=True):
+    """Why a request-driven fact was not applied: a micro error code and message."""
+
+    code: int
+    message: str
 
 
 # --- the public request/reply payloads -------------------------------------------------

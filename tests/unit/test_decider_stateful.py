@@ -161,7 +161,8 @@ class DeciderMachine(RuleBasedStateMachine):
         key = fact_id(fact)
         seen = key in self.original
         answers = isinstance(fact, Started) or any(
-            (t.ref, t.attempt, t.status) == (fact.ref, fact.attempt, "SCHEDULED")
+            isinstance(fact, TaskCompleted | TaskFailed)
+            and (t.ref, t.attempt, t.status) == (fact.ref, fact.attempt, "SCHEDULED")
             for t in (before.tasks if before is not None else ())
         )
         decision = decide(self.definition, before, fact)
@@ -204,7 +205,11 @@ class DeciderMachine(RuleBasedStateMachine):
             c
             for c in self.original[key]
             if isinstance(c, PublishEvent)
-            or (records[c.ref].status == "SCHEDULED" and records[c.ref].attempt == c.attempt)
+            or (
+                isinstance(c, RunTask)
+                and records[c.ref].status == "SCHEDULED"
+                and records[c.ref].attempt == c.attempt
+            )
         )
 
     # --- rules ------------------------------------------------------------------------
