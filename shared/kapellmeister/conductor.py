@@ -22,47 +22,41 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-import re
-import uuid
 from collections.abc import Mapping
-from typing import Final
 
 import msgspec
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError
-from nats.micro import add_service
-from nats.micro.request import Request
 from nats.micro.service import Service
 from opentelemetry.trace import SpanKind
 
 from kapellmeister import tracing
+from kapellmeister.api import serve_api
 from kapellmeister.config import Settings
 from kapellmeister.consumer import PullWorker
 from kapellmeister.deadletter import dead_letter
 from kapellmeister.decider import Decision, commands_caused_by, decide
-from kapellmeister.errors import BadRequest, WorkflowNotFound
+from kapellmeister.errors import KapellmeisterError
 from kapellmeister.messages import (
     TERMINAL,
     Command,
     Fact,
-    ListRequest,
+    Failure,
+    NotifyParent,
     PublishEvent,
     RunTask,
     Saga,
+    ScheduleTimer,
     Started,
-    StartReply,
+    StartWorkflow,
     TaskCompleted,
     TaskFailed,
     TaskRequest,
     TaskResult,
-    WorkflowSummaries,
-    WorkflowSummary,
     utc_text,
 )
-from kapellmeister.micro import add_endpoint
 from kapellmeister.registry import Registry
 from kapellmeister.runtime import utc_now
 from kapellmeister.store import CasConflict, SagaStore, Versioned
@@ -74,16 +68,12 @@ from kapellmeister.topology import (
     ensure_streams,
 )
 
-__all__ = ["Conductor", "WORKFLOW_ID_PATTERN"]
+__all__ = ["Conductor"]
 
 log = logging.getLogger("kapellmeister.conductor")
 
-# Ids appear in subjects (conductor.get.<id>) and KV keys: no dots, no spaces.
-WORKFLOW_ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9_=-]{1,128}$")
 _encode = msgspec.json.Encoder().encode
-_decode_json = msgspec.json.Decoder().decode
 _decode_result = msgspec.json.Decoder(TaskResult).decode
-_decode_list = msgspec.json.Decoder(ListRequest).decode
 
 
 class Conductor:
@@ -127,19 +117,7 @@ class Conductor:
             "conductor", nc, RESULTS, durable, self._on_result, settings.concurrency
         )
         await self._worker.start()
-        service = await add_service(
-            nc,
-            name="conductor",
-            version=self.version,
-            description="kapellmeister conductor: workflows as sagas in KV",
-        )
-        for name, subject, handler in (
-            ("start", "conductor.start.*", self._on_start),
-            ("get", "conductor.get.*", self._on_get),
-            ("list", "conductor.list", self._on_list),
-        ):
-            await add_endpoint(service, name, subject, handler, settings.concurrency)
-        self._service = service
+        self._service = await serve_api(self, nc)
         self._sweeper = asyncio.create_task(self._sweep_forever())
         log.info("conductor: serving %s", ", ".join(self.registry.names()))
 
@@ -220,6 +198,111 @@ class Conductor:
                 await self.js.publish(f"tasks.{command.task}", _encode(request), headers=headers)
             case PublishEvent():
                 await self.js.publish(command.subject, _encode(command.data), headers=headers)
+            case ScheduleTimer():
+                # JetStream fires the timer on its own clock: a completed result for the
+                # DELAY lands on results.<workflow_id> at fire_at, even if no conductor runs.
+                fired = TaskResult(
+                    workflow_id=command.workflow_id,
+                    ref=command.ref,
+                    attempt=command.attempt,
+                    status="COMPLETED",
+                    output={"fired_at": command.fire_at},
+                )
+                headers["Nats-Schedule"] = f"@at {command.fire_at}"
+                headers["Nats-Schedule-Target"] = f"results.{command.workflow_id}"
+                subject = f"timers.{command.workflow_id}.{command.ref}.{command.attempt}"
+                await self.js.publish(subject, _encode(fired), headers=headers)
+            case StartWorkflow():
+                await self._start_child(command, trace)
+            case NotifyParent(parent=parent):
+                failed = command.status != "COMPLETED"
+                error = command.error or Failure(
+                    type=f"child_{command.status.lower()}",
+                    message=f"child workflow {command.child} ended {command.status}",
+                )
+                result = TaskResult(
+                    workflow_id=parent.workflow_id,
+                    ref=parent.ref,
+                    attempt=parent.attempt,
+                    status="FAILED" if failed else "COMPLETED",
+                    output=command.output,
+                    error=error if failed else None,
+                    worker=f"workflow/{command.child}",
+                )
+                await self.js.publish(
+                    f"results.{parent.workflow_id}", _encode(result), headers=headers
+                )
+
+    async def start_workflow(self, fact: Started, trace: Mapping[str, str]) -> Saga:
+        """Create a workflow (or find it: the id makes a start idempotent) and publish.
+
+        A repeated start republishes what the first one did, in case it crashed before
+        publishing; but not for a finished workflow, whose events are long out.
+        """
+        decision, created = await self._apply(fact)
+        assert decision.state is not None
+        if created or decision.state.status not in TERMINAL:
+            await self.publish_request(decision.state, decision.commands, trace)
+        return decision.state
+
+    async def publish_request(
+        self, state: Saga, commands: tuple[Command, ...], trace: Mapping[str, str] | None = None
+    ) -> None:
+        """Publish what a request-driven fact decided, then clear its `unpublished` mark."""
+        await self.publish(state, commands, trace)
+        if state.unpublished:
+            await self.mark_published(state)
+
+    async def mark_published(self, state: Saga) -> None:
+        """Clear ``unpublished`` once its commands are stored (CAS; later facts keep theirs)."""
+        cause, fresh = state.unpublished, False
+        while True:
+            loaded = await self.store.load(state.workflow_id, fresh=fresh)
+            current = loaded.state
+            if current is None or current.unpublished != cause:
+                return
+            try:
+                await self.store.save(
+                    msgspec.structs.replace(current, unpublished=""), loaded.revision
+                )
+                return
+            except CasConflict:
+                fresh = True
+
+    async def _start_child(self, command: StartWorkflow, trace: Mapping[str, str]) -> None:
+        parent = command.parent
+        try:
+            definition = self.registry.get(command.workflow, command.version)
+            definition.validate_input(command.input)
+        except KapellmeisterError as exc:
+            # The child cannot start: fail the SUB_WORKFLOW task rather than hang it.
+            failure = Failure(type=exc.code, message=exc.message, code=exc.status)
+            result = TaskResult(
+                workflow_id=parent.workflow_id,
+                ref=parent.ref,
+                attempt=parent.attempt,
+                status="FAILED",
+                error=failure,
+            )
+            await self.js.publish(
+                f"results.{parent.workflow_id}",
+                _encode(result),
+                headers={**trace, "Nats-Msg-Id": f"{command.msg_id}:refused"},
+            )
+            return
+        traceparent = trace.get("traceparent", "")
+        fact = Started(
+            workflow_id=command.workflow_id,
+            workflow=definition.name,
+            version=definition.version,
+            input=command.input,
+            at=utc_now(),
+            tenant=command.tenant,
+            trace_id=traceparent[3:35],
+            traceparent=traceparent,
+            parent=parent,
+        )
+        await self.start_workflow(fact, trace)
 
     # --- facts from the RESULTS stream --------------------------------------------------------
 
@@ -244,103 +327,49 @@ class Conductor:
                 await self.publish(decision.state, decision.commands, trace)
         await msg.ack()
 
-    # --- requests -----------------------------------------------------------------------------
-
-    async def _on_start(self, request: Request) -> bytes:
-        name = request.subject.split(".", 2)[2]
-        headers = request.headers or {}
-        version = _int_header(headers, "Workflow-Version")
-        definition = self.registry.get(name, version)
-        data = _decode_json(request.data or b"{}")
-        definition.validate_input(data)
-        workflow_id = headers.get("Workflow-Id") or str(uuid.uuid4())
-        if not WORKFLOW_ID_PATTERN.match(workflow_id):
-            raise BadRequest(
-                "Workflow-Id must be 1-128 of A-Z a-z 0-9 _ = - (it is used in subjects)"
-            )
-        with tracing.tracer().start_as_current_span(
-            f"workflow {name}",
-            context=tracing.extract(headers),
-            kind=SpanKind.SERVER,
-            attributes={
-                "messaging.system": "nats",
-                "workflow.id": workflow_id,
-                "workflow.name": name,
-            },
-        ):
-            fact = Started(
-                workflow_id=workflow_id,
-                workflow=definition.name,
-                version=definition.version,
-                input=data,
-                at=utc_now(),
-                tenant=headers.get("Tenant", ""),
-                trace_id=tracing.current_trace_id(),
-                traceparent=tracing.inject({}).get("traceparent", ""),
-            )
-            decision, created = await self._apply(fact)
-            assert decision.state is not None
-            # A repeated start republishes what the first one did, in case it crashed before
-            # publishing; but not for a finished workflow, whose events are long out.
-            if created or decision.state.status not in TERMINAL:
-                await self.publish(decision.state, decision.commands, tracing.inject({}))
-        return _encode(
-            StartReply(workflow_id=decision.state.workflow_id, status=decision.state.status)
-        )
-
-    async def _on_get(self, request: Request) -> bytes:
-        workflow_id = request.subject.split(".", 2)[2]
-        if not WORKFLOW_ID_PATTERN.match(workflow_id):
-            raise WorkflowNotFound(f"no workflow with id {workflow_id!r}")
-        try:
-            entry = await self.store.kv.get(workflow_id)
-        except KeyNotFoundError:
-            raise WorkflowNotFound(f"no workflow with id {workflow_id!r}") from None
-        return entry.value or b""
-
-    async def _on_list(self, request: Request) -> bytes:
-        query = _decode_list(request.data or b"{}")
-        found = [
-            summary
-            async for summary in self.store.scan(WorkflowSummary)
-            if (query.status is None or summary.status == query.status)
-            and (query.workflow is None or summary.workflow == query.workflow)
-        ]
-        found.sort(key=lambda s: s.created_at, reverse=True)
-        return _encode(WorkflowSummaries(workflows=found[: query.limit]))
-
     # --- the sweeper ----------------------------------------------------------------------------
 
     async def sweep(self) -> int:
-        """Republish the dispatch of every SCHEDULED task of recently updated running workflows.
+        """Republish what a crash between a KV write and its publish may have lost.
 
-        Only workflows updated within the dedupe window are re-driven: there a republish
+        A fact from a stream is redelivered after such a crash; a request (a start, a
+        signal, a terminate) is not. So for every workflow updated within the dedupe
+        window, the sweeper republishes the dispatch of each task still waiting and the
+        commands of its last fact if a request caused it. Within the window a republish
         is certainly dropped as a duplicate if the first one went out. Returns how many
         workflows were re-driven.
         """
-        now = utc_now()
-        oldest = utc_text(_parse(now) - _seconds(DEDUPE_WINDOW_S * 0.8))
+        now = _parse(utc_now())
+        oldest = utc_text(now - _seconds(DEDUPE_WINDOW_S * 0.8))
+        # Leave alone what was written in the last few seconds: its writer is most likely
+        # publishing right now, and a republish would only be a duplicate to drop.
+        newest = utc_text(now - _seconds(self.settings.sweep_grace_s))
         count = 0
         recent = {
-            summary.workflow_id: summary.updated_at
-            async for summary in self.store.scan(WorkflowSummary)
-            if summary.status not in TERMINAL and summary.updated_at >= oldest
+            head.workflow_id: head.updated_at
+            async for head in self.store.scan(_SweepHead)
+            if oldest <= head.updated_at <= newest
+            and (head.status not in TERMINAL or head.unpublished)
         }
         self._redriven = {k: v for k, v in self._redriven.items() if recent.get(k) == v}
         for workflow_id, updated_at in recent.items():
             if self._redriven.get(workflow_id) == updated_at:
                 continue
             state = (await self.store.load(workflow_id, fresh=True)).state
-            if state is None or state.status in TERMINAL:
+            if state is None:
                 continue
             definition = self.registry.get(state.workflow, state.version)
-            causes = {t.cause for t in state.tasks if t.status == "SCHEDULED"}
+            causes = {t.cause for t in state.tasks if t.status in {"SCHEDULED", "IN_PROGRESS"}}
+            if state.unpublished:
+                causes.add(state.unpublished)
             commands = tuple(
                 c for cause in sorted(causes) for c in commands_caused_by(definition, state, cause)
             )
             if commands:
                 await self.publish(state, commands)
                 count += 1
+            if state.unpublished:
+                await self.mark_published(state)
             self._redriven[workflow_id] = state.updated_at
         return count
 
@@ -353,6 +382,15 @@ class Conductor:
             except (TimeoutError, nats.errors.Error) as exc:
                 log.warning("sweep failed: %s", exc)
             await asyncio.sleep(self.settings.sweep_interval_s)
+
+
+class _SweepHead(msgspec.Struct, frozen=True):
+    """The few saga fields the sweeper reads to choose what to reload."""
+
+    workflow_id: str
+    status: str
+    updated_at: str
+    unpublished: str = ""
 
 
 def _fact(result: TaskResult, at: str) -> TaskCompleted | TaskFailed:
@@ -376,16 +414,6 @@ def _fact(result: TaskResult, at: str) -> TaskCompleted | TaskFailed:
         started_at=result.started_at,
         worker=result.worker,
     )
-
-
-def _int_header(headers: dict[str, str], name: str) -> int | None:
-    value = headers.get(name)
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise BadRequest(f"header {name} must be an integer, got {value!r}") from None
 
 
 def _parse(text: str) -> datetime.datetime:

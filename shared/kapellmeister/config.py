@@ -41,6 +41,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_deliver: int = 5
     # How often the conductor's sweeper re-drives non-terminal workflows (seconds).
     sweep_interval_s: float = 30.0
+    # The sweeper leaves workflows updated in the last few seconds to their writer.
+    sweep_grace_s: float = 5.0
     # Extra directories of definition files the conductor loads (os.pathsep-separated).
     definitions: str = ""
     # The directory the demo keeps its embedded server's JetStream data in.

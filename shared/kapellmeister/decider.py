@@ -68,6 +68,7 @@ from kapellmeister.messages import (
 
 __all__ = [
     "Decision",
+    "by_request",
     "child_workflow_id",
     "commands_caused_by",
     "decide",
@@ -318,9 +319,19 @@ def _root(record: TaskRecord) -> Json:
     }
 
 
+def by_request(fact: str) -> bool:
+    """Facts from requests (start, signal, terminate) are not redelivered; results are."""
+    return bool(fact) and "#" not in fact
+
+
 def _decided(definition: Definition, draft: _Draft) -> Decision:
     new = draft.freeze()
-    return Decision(new, commands_caused_by(definition, new, draft.cause))
+    commands = commands_caused_by(definition, new, draft.cause)
+    if by_request(draft.cause) and any(not isinstance(c, RunTask) for c in commands):
+        # A waiting task's dispatch is re-driven from its SCHEDULED record; anything else
+        # a request caused is marked until it is known to be published.
+        new = msgspec.structs.replace(new, unpublished=draft.cause)
+    return Decision(new, commands)
 
 
 def _start(definition: Definition, fact: Started) -> Decision:

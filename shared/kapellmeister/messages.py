@@ -160,6 +160,10 @@ class Saga(msgspec.Struct, frozen=True, kw_only=True):
     # The id of the last fact applied, and of the fact that ended the workflow.
     last_fact: str = ""
     ended_by: str = ""
+    # A request (start, signal, terminate) whose events, timers or child starts may not
+    # be published yet: requests are not redelivered, so the conductor clears this after
+    # publishing and the sweeper republishes while it is set.
+    unpublished: str = ""
 
 
 # --- facts: what happened, the decider's input -----------------------------------------

@@ -10,6 +10,7 @@ name       subjects      retention   why
 EVENTS     events.>      limits      the public way in and out; kept 7 days for replay
 TASKS      tasks.>       work queue  a task message lives until an agent acks it
 RESULTS    results.>     work queue  a result lives until the conductor has applied it
+           timers.>                  DELAY timers: scheduled messages that fire onto results.>
 DEADLETTERS deadletter.> limits      messages nobody could handle, with the reason; 30 days
 =========  ============  ==========  ========================================================
 
@@ -86,7 +87,10 @@ def _streams(replicas: int) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=RESULTS,
-            subjects=["results.>"],
+            # timers.> holds DELAY timers: scheduled messages JetStream publishes onto
+            # results.<workflow_id> when they are due (nats-server 2.12+).
+            subjects=["results.>", "timers.>"],
+            allow_msg_schedules=True,
             retention=RetentionPolicy.WORK_QUEUE,
             max_age=7 * DAY_S,
             description="Task results for the conductor",
@@ -116,9 +120,11 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
                 # Another service created it between our look and our create.
                 await js.update_stream(config)
             continue
+        current = info.config
         if (
-            info.config.duplicate_window != config.duplicate_window
-            or info.config.subjects != config.subjects
+            current.duplicate_window != config.duplicate_window
+            or current.subjects != config.subjects
+            or bool(current.allow_msg_schedules) != bool(config.allow_msg_schedules)
         ):
             await js.update_stream(config)
 

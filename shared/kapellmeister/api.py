@@ -1,0 +1,182 @@
+"""The conductor's public request API (``conductor.*``), served as NATS micro endpoints.
+
+Each handler validates its request, turns it into a fact or a read, and answers with the
+contract's JSON; every error becomes a micro error reply in `kapellmeister.micro`.
+Request-driven facts (start, signal, terminate) go through the same load, decide,
+compare-and-set, publish steps as task results (`Conductor.apply`).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Final
+
+import msgspec
+from nats.aio.client import Client
+from nats.js.errors import KeyNotFoundError
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import Service
+from opentelemetry.trace import SpanKind
+
+from kapellmeister import tracing
+from kapellmeister.errors import BadRequest, Conflict, NotFound, WorkflowNotFound
+from kapellmeister.messages import (
+    Fact,
+    ListRequest,
+    SignalReceived,
+    Started,
+    StartReply,
+    TerminateRequested,
+    WorkflowSummaries,
+    WorkflowSummary,
+)
+from kapellmeister.micro import add_endpoint
+from kapellmeister.runtime import utc_now
+
+if TYPE_CHECKING:
+    from kapellmeister.conductor import Conductor
+
+__all__ = ["WORKFLOW_ID_PATTERN", "serve_api"]
+
+# Ids appear in subjects (conductor.get.<id>) and KV keys: no dots, no spaces.
+WORKFLOW_ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9_=-]{1,128}$")
+_encode = msgspec.json.Encoder().encode
+_decode_json = msgspec.json.Decoder().decode
+_decode_list = msgspec.json.Decoder(ListRequest).decode
+
+
+class TerminateRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``conductor.terminate.<id>``: an optional reason, kept in the saga's error."""
+
+    reason: str = ""
+
+
+_decode_terminate = msgspec.json.Decoder(TerminateRequest).decode
+
+
+async def serve_api(conductor: Conductor, nc: Client) -> Service:
+    """Add the ``conductor`` micro service with every endpoint of the public API."""
+    service = await add_service(
+        nc,
+        name="conductor",
+        version=conductor.version,
+        description="kapellmeister conductor: workflows as sagas in KV",
+    )
+    api = _Api(conductor)
+    endpoints: list[tuple[str, str, Callable[[Request], Awaitable[bytes]]]] = [
+        ("start", "conductor.start.*", api.start),
+        ("get", "conductor.get.*", api.get),
+        ("list", "conductor.list", api.list),
+        ("signal", "conductor.signal.*.*", api.signal),
+        ("terminate", "conductor.terminate.*", api.terminate),
+    ]
+    for name, subject, handler in endpoints:
+        await add_endpoint(service, name, subject, handler, conductor.settings.concurrency)
+    return service
+
+
+def _token(request: Request, index: int) -> str:
+    return request.subject.split(".")[index]
+
+
+def _workflow_id(request: Request, index: int = 2) -> str:
+    workflow_id = _token(request, index)
+    if not WORKFLOW_ID_PATTERN.match(workflow_id):
+        raise WorkflowNotFound(f"no workflow with id {workflow_id!r}")
+    return workflow_id
+
+
+class _Api:
+    def __init__(self, conductor: Conductor) -> None:
+        self.conductor = conductor
+
+    async def start(self, request: Request) -> bytes:
+        name = _token(request, 2)
+        headers = request.headers or {}
+        definition = self.conductor.registry.get(name, _int_header(headers, "Workflow-Version"))
+        data = _decode_json(request.data or b"{}")
+        definition.validate_input(data)
+        workflow_id = headers.get("Workflow-Id") or str(uuid.uuid4())
+        if not WORKFLOW_ID_PATTERN.match(workflow_id):
+            raise BadRequest(
+                "Workflow-Id must be 1-128 of A-Z a-z 0-9 _ = - (it is used in subjects)"
+            )
+        with tracing.tracer().start_as_current_span(
+            f"workflow {name}",
+            context=tracing.extract(headers),
+            kind=SpanKind.SERVER,
+            attributes={
+                "messaging.system": "nats",
+                "workflow.id": workflow_id,
+                "workflow.name": name,
+            },
+        ):
+            fact = Started(
+                workflow_id=workflow_id,
+                workflow=definition.name,
+                version=definition.version,
+                input=data,
+                at=utc_now(),
+                tenant=headers.get("Tenant", ""),
+                trace_id=tracing.current_trace_id(),
+                traceparent=tracing.inject({}).get("traceparent", ""),
+            )
+            state = await self.conductor.start_workflow(fact, tracing.inject({}))
+        return _encode(StartReply(workflow_id=state.workflow_id, status=state.status))
+
+    async def get(self, request: Request) -> bytes:
+        workflow_id = _workflow_id(request)
+        try:
+            entry = await self.conductor.store.kv.get(workflow_id)
+        except KeyNotFoundError:
+            raise WorkflowNotFound(f"no workflow with id {workflow_id!r}") from None
+        return entry.value or b""
+
+    async def list(self, request: Request) -> bytes:
+        query = _decode_list(request.data or b"{}")
+        found = [
+            summary
+            async for summary in self.conductor.store.scan(WorkflowSummary)
+            if (query.status is None or summary.status == query.status)
+            and (query.workflow is None or summary.workflow == query.workflow)
+        ]
+        found.sort(key=lambda s: s.created_at, reverse=True)
+        return _encode(WorkflowSummaries(workflows=found[: query.limit]))
+
+    async def signal(self, request: Request) -> bytes:
+        workflow_id, ref = _workflow_id(request), _token(request, 3)
+        output = _decode_json(request.data or b"{}")
+        return await self._request_fact(
+            SignalReceived(workflow_id=workflow_id, ref=ref, output=output, at=utc_now())
+        )
+
+    async def terminate(self, request: Request) -> bytes:
+        body = _decode_terminate(request.data or b"{}")
+        return await self._request_fact(
+            TerminateRequested(workflow_id=_workflow_id(request), reason=body.reason, at=utc_now())
+        )
+
+    async def _request_fact(self, fact: Fact) -> bytes:
+        """Apply a fact a request states; reply with the saga state after it."""
+        conductor = self.conductor
+        decision = await conductor.apply(fact)
+        if decision.state is None:
+            raise WorkflowNotFound(f"no workflow with id {fact.workflow_id!r}")
+        if decision.refusal is not None:
+            error = NotFound if decision.refusal.code == 404 else Conflict
+            raise error(decision.refusal.message)
+        await conductor.publish_request(decision.state, decision.commands)
+        return _encode(decision.state)
+
+
+def _int_header(headers: dict[str, str], name: str) -> int | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise BadRequest(f"header {name} must be an integer, got {value!r}") from None
