@@ -454,12 +454,12 @@ def _run(draft: _Draft, ref: str, **extra: Json) -> None:
             outputs = {r: t.output for r in join_on if (t := draft.tasks.get(r)) is not None}
             draft.record(ref, task, output=outputs)
             _finish_task(draft, ref)
-        case TerminateTask(status=status, reason=reason) as task:
+        case TerminateTask(status=status) as task:
             output = templates["output"].evaluate(draft.context())
+            reason = templates["reason"].evaluate(draft.context())
             draft.record(ref, task, output=output)
-            error = Failure(
-                type="terminated", message=reason or f"terminated by task {ref!r}", task=ref
-            )
+            message = str(reason) if reason else f"terminated by task {ref!r}"
+            error = Failure(type="terminated", message=message, task=ref)
             draft.finish(status, output, error if status == "FAILED" else None)
         case ForkTask() as task:
             _fork(draft, ref, task)

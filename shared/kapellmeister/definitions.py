@@ -406,8 +406,8 @@ def _compile_templates(task: TaskDef) -> dict[str, Compiled]:
             | SubWorkflowTask(input=data)
         ):
             return {"input": compile_value(dict(data))}
-        case TerminateTask(output=data):
-            return {"output": compile_value(dict(data))}
+        case TerminateTask(output=data, reason=reason):
+            return {"output": compile_value(dict(data)), "reason": compile_value(reason)}
         case SwitchTask(expression=expression):
             return {"expression": compile_value(expression)}
         case DelayTask(duration_s=duration):
