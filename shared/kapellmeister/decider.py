@@ -475,7 +475,7 @@ def _delay(draft: _Draft, ref: str, task: DelayTask, seconds: Json) -> None:
 
 def _switch(draft: _Draft, ref: str, task: SwitchTask, value: Json) -> None:
     key = switch_key(value)
-    branch = task.cases.get(key, task.default)
+    branch = task.cases.get(key, task.default or [])
     case_name = key if key in task.cases else "default"
     draft.record(ref, task, input={"value": value}, output={"case": case_name})
     if branch:

@@ -100,7 +100,8 @@ class SwitchTask(_Task, tag="SWITCH", frozen=True):
 
     expression: str
     cases: dict[str, list[TaskDef]] = {}
-    default: list[TaskDef] = []
+    # None: no default at all (the checker asks for one unless the cases cover every value).
+    default: list[TaskDef] | None = None
 
 
 class EventTask(_Task, tag="EVENT", frozen=True):
@@ -381,7 +382,7 @@ def _link(
             case SwitchTask(cases=cases, default=default):
                 for key, branch in cases.items():
                     yield from _link(branch, f"{here}.cases.{key}", then)
-                yield from _link(default, f"{here}.default", then)
+                yield from _link(default or [], f"{here}.default", then)
             case ForkTask(branches=branches, each=each):
                 for b, branch in enumerate(branches):
                     yield from _link(branch, f"{here}.branches[{b}]", After("branch", task.ref, b))

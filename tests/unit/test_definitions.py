@@ -109,6 +109,7 @@ def test_rain_check_from_design_parses_and_compiles():
     assert isinstance(wet, SwitchTask)
     assert set(wet.cases) == {"true"}
     assert isinstance(wet.cases["true"][0], TerminateTask)
+    assert wet.default is not None
     assert isinstance(wet.default[0], EventTask)
     assert wet.default[0].subject == "events.weather.dry"
     assert definition.nodes["wet"].path == "tasks[1]"
@@ -276,6 +277,7 @@ def test_conductor_aliases_mean_our_fields():
     decision = spec.tasks[1]
     assert isinstance(decision, SwitchTask)
     assert decision.expression == "${agenda.output.activity}"
+    assert decision.default is not None
     assert isinstance(decision.default[0], TerminateTask)
     assert decision.default[0].output == {"activity": "${agenda.output.activity}"}
 
