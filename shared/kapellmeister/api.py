@@ -57,6 +57,13 @@ class TerminateRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 _decode_terminate = msgspec.json.Decoder(TerminateRequest).decode
 
 
+class Registered(msgspec.Struct, frozen=True):
+    """The reply to ``conductor.definitions.register``."""
+
+    name: str
+    version: int
+
+
 async def serve_api(conductor: Conductor, nc: Client) -> Service:
     """Add the ``conductor`` micro service with every endpoint of the public API."""
     service = await add_service(
@@ -72,6 +79,9 @@ async def serve_api(conductor: Conductor, nc: Client) -> Service:
         ("list", "conductor.list", api.list),
         ("signal", "conductor.signal.*.*", api.signal),
         ("terminate", "conductor.terminate.*", api.terminate),
+        ("definitions-register", "conductor.definitions.register", api.register),
+        ("definitions-get", "conductor.definitions.get.*", api.definition),
+        ("definitions-list", "conductor.definitions.list", api.definitions),
     ]
     for name, subject, handler in endpoints:
         await add_endpoint(service, name, subject, handler, conductor.settings.concurrency)
@@ -96,7 +106,8 @@ class _Api:
     async def start(self, request: Request) -> bytes:
         name = _token(request, 2)
         headers = request.headers or {}
-        definition = self.conductor.registry.get(name, _int_header(headers, "Workflow-Version"))
+        version = _int_header(headers, "Workflow-Version")
+        definition = await self.conductor.definitions.get(name, version)
         data = _decode_json(request.data or b"{}")
         definition.validate_input(data)
         workflow_id = headers.get("Workflow-Id") or str(uuid.uuid4())
@@ -158,6 +169,17 @@ class _Api:
         return await self._request_fact(
             TerminateRequested(workflow_id=_workflow_id(request), reason=body.reason, at=utc_now())
         )
+
+    async def register(self, request: Request) -> bytes:
+        definition = await self.conductor.definitions.register(request.data or b"")
+        return _encode(Registered(name=definition.name, version=definition.version))
+
+    async def definition(self, request: Request) -> bytes:
+        version = _int_header(request.headers or {}, "Workflow-Version")
+        return await self.conductor.definitions.raw(_token(request, 3), version)
+
+    async def definitions(self, request: Request) -> bytes:
+        return _encode(self.conductor.definitions.summaries())
 
     async def _request_fact(self, fact: Fact) -> bytes:
         """Apply a fact a request states; reply with the saga state after it."""

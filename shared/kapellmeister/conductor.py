@@ -57,7 +57,7 @@ from kapellmeister.messages import (
     TaskResult,
     utc_text,
 )
-from kapellmeister.registry import Registry
+from kapellmeister.registry import DefinitionStore, Registry
 from kapellmeister.runtime import utc_now
 from kapellmeister.store import CasConflict, SagaStore, Versioned
 from kapellmeister.topology import (
@@ -86,6 +86,7 @@ class Conductor:
         self.conflicts = 0
         self._js: JetStreamContext | None = None
         self._store: SagaStore | None = None
+        self._definitions: DefinitionStore | None = None
         self._service: Service | None = None
         self._worker: PullWorker | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -99,6 +100,11 @@ class Conductor:
         return self._js
 
     @property
+    def definitions(self) -> DefinitionStore:
+        assert self._definitions is not None, "start() first"
+        return self._definitions
+
+    @property
     def store(self) -> SagaStore:
         assert self._store is not None, "start() first"
         return self._store
@@ -110,6 +116,8 @@ class Conductor:
         await ensure_streams(self._js, settings.replicas)
         buckets = await ensure_buckets(self._js, settings.replicas)
         self._store = SagaStore(buckets["workflows"])
+        self._definitions = DefinitionStore(buckets["definitions"], buckets["tasks"], self.registry)
+        await self._definitions.start(shipped=self.registry.all())
         durable = await ensure_consumer(
             self._js, RESULTS, "results.>", ack_wait_s=settings.ack_wait_s, max_deliver=-1
         )
@@ -129,6 +137,8 @@ class Conductor:
             await self._worker.stop(self.settings.ack_wait_s)
         if self._service is not None:
             await self._service.stop()
+        if self._definitions is not None:
+            await self._definitions.stop()
 
     # --- the five steps -------------------------------------------------------------------
 
@@ -148,9 +158,9 @@ class Conductor:
                 loaded = await self.store.load(fact.workflow_id, fresh=fresh)
             state = loaded.state
             if state is not None:
-                definition = self.registry.get(state.workflow, state.version)
+                definition = await self.definitions.get(state.workflow, state.version)
             elif isinstance(fact, Started):
-                definition = self.registry.get(fact.workflow, fact.version)
+                definition = await self.definitions.get(fact.workflow, fact.version)
             else:
                 return Decision(None, ()), False  # a result for a workflow that is not stored
             decision = decide(definition, state, fact)
@@ -272,7 +282,7 @@ class Conductor:
     async def _start_child(self, command: StartWorkflow, trace: Mapping[str, str]) -> None:
         parent = command.parent
         try:
-            definition = self.registry.get(command.workflow, command.version)
+            definition = await self.definitions.get(command.workflow, command.version)
             definition.validate_input(command.input)
         except KapellmeisterError as exc:
             # The child cannot start: fail the SUB_WORKFLOW task rather than hang it.
@@ -358,7 +368,7 @@ class Conductor:
             state = (await self.store.load(workflow_id, fresh=True)).state
             if state is None:
                 continue
-            definition = self.registry.get(state.workflow, state.version)
+            definition = await self.definitions.get(state.workflow, state.version)
             causes = {t.cause for t in state.tasks if t.status in {"SCHEDULED", "IN_PROGRESS"}}
             if state.unpublished:
                 causes.add(state.unpublished)

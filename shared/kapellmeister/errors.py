@@ -139,7 +139,12 @@ class TaskError(KapellmeisterError):
 
 
 def error_reply(detail: ErrorDetail) -> tuple[dict[str, str], bytes]:
-    """Return the NATS micro error headers and JSON body for an error."""
+    """Return the NATS micro error headers and JSON body for an error.
+
+    A header value is one line, so the message is folded to one (YAML parse errors come
+    with several) and the body says exactly what the header says.
+    """
+    detail = msgspec.structs.replace(detail, message=" ".join(detail.message.split()))
     headers = {
         "Nats-Service-Error": detail.message,
         "Nats-Service-Error-Code": str(detail.code),

@@ -1,21 +1,48 @@
-"""The conductor's compiled definitions, by name and version.
+"""Workflow definitions by name and version: in memory, and versioned in the KV store.
 
-A running workflow keeps the version it started with, so every version stays loaded;
-``conductor.start.<name>`` takes the latest unless the ``Workflow-Version`` header names one.
+`Registry` is the compiled definitions a conductor decides with. `DefinitionStore` keeps
+it in step with the ``definitions`` bucket (one key per version, ``<name>.<version>``,
+the value the definition's JSON), so every replica serves what any replica registered:
+
+* `register` checks a definition (parse, compile, the static checker against the agents'
+  registered tasks and the other definitions) and stores it; a version is immutable, so
+  registering the same version with other content is a 409, and the same content again
+  is a no-op;
+* a watcher adds what other replicas register; a lookup that misses reads the bucket
+  once more before saying 404, so a start right after a register elsewhere works.
+
+A running workflow keeps the version it started with: every version stays loaded.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import Iterable
+from typing import Any
 
-from kapellmeister.definitions import Definition
-from kapellmeister.errors import DefinitionNotFound
+import msgspec
+from nats.js.errors import KeyWrongLastSequenceError, NoKeysError
+from nats.js.kv import KeyValue
 
-__all__ = ["Registry"]
+from kapellmeister.checker import SubWorkflows, check, problems_message
+from kapellmeister.definitions import (
+    Definition,
+    SubWorkflowTask,
+    compile_definition,
+    parse_definition,
+)
+from kapellmeister.errors import Conflict, DefinitionNotFound, InvalidDefinition
+
+__all__ = ["DefinitionStore", "DefinitionSummaries", "DefinitionSummary", "Registry"]
+
+log = logging.getLogger("kapellmeister.registry")
+_encode = msgspec.json.Encoder().encode
 
 
 class Registry:
-    """Definitions by ``(name, version)``."""
+    """Compiled definitions by ``(name, version)``."""
 
     def __init__(self, definitions: Iterable[Definition] = ()) -> None:
         self._versions: dict[str, dict[int, Definition]] = {}
@@ -43,3 +70,174 @@ class Registry:
 
     def names(self) -> list[str]:
         return sorted(self._versions)
+
+    def all(self) -> list[Definition]:
+        """Every version of every definition."""
+        return [d for versions in self._versions.values() for d in versions.values()]
+
+    def versions(self, name: str) -> list[int]:
+        return sorted(self._versions.get(name, {}))
+
+    def sub_workflows(self, name: str) -> list[str] | None:
+        """The workflows the latest ``name`` starts as SUB_WORKFLOWs (None: unknown name)."""
+        if name not in self._versions:
+            return None
+        latest = self.get(name)
+        return [
+            n.task.workflow for n in latest.nodes.values() if isinstance(n.task, SubWorkflowTask)
+        ]
+
+
+class DefinitionSummary(msgspec.Struct, frozen=True):
+    name: str
+    version: int
+    versions: list[int]
+    description: str
+
+
+class DefinitionSummaries(msgspec.Struct, frozen=True):
+    definitions: list[DefinitionSummary]
+
+
+def key_of(name: str, version: int) -> str:
+    return f"{name}.{version}"
+
+
+class DefinitionStore:
+    """The ``definitions`` bucket behind a `Registry`."""
+
+    def __init__(self, kv: KeyValue, tasks: KeyValue, registry: Registry) -> None:
+        self.kv = kv
+        self.tasks = tasks
+        self.registry = registry
+        self._watch: asyncio.Task[None] | None = None
+
+    async def start(self, shipped: Iterable[Definition] = ()) -> None:
+        """Store the shipped definitions that are not stored yet, load all, then follow."""
+        for definition in shipped:
+            try:
+                await self.kv.create(
+                    key_of(definition.name, definition.version), _encode(definition.spec)
+                )
+            except KeyWrongLastSequenceError:
+                stored = await self.kv.get(key_of(definition.name, definition.version))
+                if stored.value != _encode(definition.spec):
+                    log.warning(
+                        "%s v%d differs from the registered one; serving the registered",
+                        definition.name,
+                        definition.version,
+                    )
+        await self.reload()
+        self._watch = asyncio.create_task(self._follow())
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+
+    async def reload(self) -> None:
+        """Read every stored definition into the registry."""
+        watcher = await self.kv.watchall()
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    break
+                self._add(entry.key, entry.value)
+        finally:
+            await watcher.stop()
+
+    async def _follow(self) -> None:
+        watcher = await self.kv.watchall(include_history=False)
+        try:
+            async for entry in watcher:
+                if entry is not None:
+                    self._add(entry.key, entry.value)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+
+    def _add(self, key: str, value: bytes | None) -> None:
+        if not value:
+            return
+        try:
+            self.registry.add(compile_definition(parse_definition(value)))
+        except InvalidDefinition as exc:  # stored by a newer conductor, say
+            log.warning("definition %s is not loadable here: %s", key, exc.message)
+
+    async def get(self, name: str, version: int | None = None) -> Definition:
+        """Like `Registry.get`, reading the bucket again before a 404."""
+        try:
+            return self.registry.get(name, version)
+        except DefinitionNotFound:
+            await self.reload()
+            return self.registry.get(name, version)
+
+    async def raw(self, name: str, version: int | None = None) -> bytes:
+        """The stored JSON of a definition (latest unless ``version``)."""
+        definition = await self.get(name, version)
+        entry = await self.kv.get(key_of(definition.name, definition.version))
+        return entry.value or b""
+
+    def summaries(self) -> DefinitionSummaries:
+        found = []
+        for name in self.registry.names():
+            latest = self.registry.get(name)
+            found.append(
+                DefinitionSummary(
+                    name=name,
+                    version=latest.version,
+                    versions=self.registry.versions(name),
+                    description=latest.spec.description,
+                )
+            )
+        return DefinitionSummaries(definitions=found)
+
+    async def register(self, data: bytes) -> Definition:
+        """Check and store a definition (YAML or JSON).
+
+        Raises:
+            InvalidDefinition: it does not parse, compile or pass the checker (every
+                problem with its path); nothing is stored.
+            Conflict: this version is registered already with other content.
+        """
+        definition = compile_definition(parse_definition(data))
+        problems = check(
+            definition, await self._task_registrations(), self._sub_workflows(definition)
+        )
+        if problems:
+            raise InvalidDefinition(problems_message(definition.name, problems))
+        encoded = _encode(definition.spec)
+        key = key_of(definition.name, definition.version)
+        try:
+            await self.kv.create(key, encoded)
+        except KeyWrongLastSequenceError:
+            stored = await self.kv.get(key)
+            if stored.value != encoded:
+                versions = self.registry.versions(definition.name) or [definition.version]
+                raise Conflict(
+                    f"{definition.name} version {definition.version} is registered with other "
+                    f"content; versions are immutable: register version {max(versions) + 1}"
+                ) from None
+        self.registry.add(definition)
+        return definition
+
+    def _sub_workflows(self, definition: Definition) -> SubWorkflows:
+        def lookup(name: str) -> list[str] | None:
+            if name == definition.name:
+                return Registry([definition]).sub_workflows(name)
+            return self.registry.sub_workflows(name)
+
+        return lookup
+
+    async def _task_registrations(self) -> dict[str, dict[str, Any]]:
+        """Every agent task registration in the ``tasks`` bucket, by task name."""
+        try:
+            keys = await self.tasks.keys()
+        except NoKeysError:
+            return {}
+        found: dict[str, dict[str, Any]] = {}
+        for key in keys:
+            entry = await self.tasks.get(key)
+            if entry.value:
+                found[key] = msgspec.json.decode(entry.value)
+        return found
