@@ -1,9 +1,10 @@
-"""``kapellmeister demo``: plan a few days end to end, on an embedded NATS server.
+"""``kapellmeister demo``: plan a few days and two approvals, on an embedded NATS server.
 
 Starts ``nats-server`` with JetStream in ``.kapellmeister/demo`` (unless ``NATS_URL`` names
 a server), the conductor, weather and agenda services as separate processes, starts a
 handful of ``plan_day`` workflows through the public API, prints each task as the saga
-state in KV records it, the event each workflow publishes, then shuts everything down.
+state in KV records it and the event each workflow publishes, then runs the ``approval``
+workflow twice with signals (paid, refused), and shuts everything down.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from typing import Any
 
 import msgspec
+from nats.aio.client import Client
 
 from kapellmeister.config import Settings
 from kapellmeister.messages import TERMINAL, Saga
@@ -86,13 +89,35 @@ async def _drive(nats_url: str, settings: Settings, logs: Path) -> int:
             msg = await events.next_msg(timeout=10)
             print(f"  {msg.data.decode()}")
         failed = [s for s in done.values() if s.status != "COMPLETED"]
-        print(f"\n{len(done) - len(failed)} of {len(done)} workflows completed")
-        return 1 if failed else 0
+        print(f"\n{len(done) - len(failed)} of {len(done)} plan_day workflows completed")
+        approved = await _approvals(nc)
+        return 1 if failed or not approved else 0
     finally:
         await nc.drain()
         for service in services:
             code = service.stop()
             print(f"stopped {service.name:<9} exit {code}")
+
+
+async def _approvals(nc: Client) -> bool:
+    """Two approvals of the Conductor seed: one paid (ok, ok), one refused (ok, ng)."""
+    granted = await nc.subscribe("events.approval.granted")
+    outcomes = []
+    for answers in (("ok", "ok"), ("ok", "ng")):
+        reply = await nc.request("conductor.start.approval", b'{"money": 1000}', timeout=10)
+        workflow_id = msgspec.json.decode(reply.data)["workflow_id"]
+        print(f"\napproval {workflow_id}: waiting for approval_1")
+        state: dict[str, Any] = {}
+        for step, (answer, approver) in enumerate(zip(answers, ("kim", "lee"), strict=True), 1):
+            signal = _show({"status": answer, "approver": approver}).encode()
+            subject = f"conductor.signal.{workflow_id}.approval_{step}"
+            state = msgspec.json.decode((await nc.request(subject, signal, timeout=10)).data)
+            print(f"  {approver} says {answer} on approval_{step}: workflow {state['status']}")
+        print(f"  output {_show(state['output'])}")
+        outcomes.append(state["status"])
+    event = await granted.next_msg(timeout=10)
+    print(f"events.approval.granted: {event.data.decode()}")
+    return outcomes == ["COMPLETED", "FAILED"]
 
 
 def run_demo(settings: Settings, *, embedded: bool) -> None:
