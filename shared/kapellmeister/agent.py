@@ -49,6 +49,7 @@ from kapellmeister import tracing
 from kapellmeister.config import Settings
 from kapellmeister.consumer import PullWorker
 from kapellmeister.deadletter import dead_letter
+from kapellmeister.definitions import RetryPolicy
 from kapellmeister.errors import BadRequest, TaskError
 from kapellmeister.messages import Failure, Json, TaskRequest, TaskResult
 from kapellmeister.micro import add_endpoint, error_detail
@@ -77,12 +78,25 @@ class TaskRegistration(msgspec.Struct, frozen=True, kw_only=True):
     input_schema: dict[str, Any]
     output_schema: dict[str, Any]
     registered_at: str
+    # Defaults for a definition's SIMPLE task that says nothing of its own (recorded now;
+    # the conductor applies them with its retry and timeout handling).
+    retry: RetryPolicy = RetryPolicy()
+    timeout_s: float | None = None
+    # The agent's heartbeat bound: its JetStream ack wait.
+    response_timeout_s: float | None = None
 
 
 class TaskSpec(Generic[Req, Res]):
     """A handler bound to its task name, with its request and result types."""
 
-    def __init__(self, name: str, handler: Handler[Req, Res], description: str = "") -> None:
+    def __init__(
+        self,
+        name: str,
+        handler: Handler[Req, Res],
+        description: str = "",
+        retry: RetryPolicy | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
         hints = typing.get_type_hints(handler)
         params = [p for p in hints if p != "return"]
         if len(params) != 1 or "return" not in hints:
@@ -92,13 +106,15 @@ class TaskSpec(Generic[Req, Res]):
         self.request_type: type[Req] = hints[params[0]]
         self.result_type: type[Res] = hints["return"]
         self.description = description or (handler.__doc__ or "").strip().split("\n")[0]
+        self.retry = retry or RetryPolicy()
+        self.timeout_s = timeout_s
         self._decode = msgspec.json.Decoder(self.request_type).decode
 
     async def call(self, raw: bytes | msgspec.Raw) -> bytes:
         """Decode and validate ``raw``, run the handler, encode its result."""
         return _encode(await self.handler(self._decode(raw)))
 
-    def registration(self, service: str) -> TaskRegistration:
+    def registration(self, service: str, ack_wait_s: float | None = None) -> TaskRegistration:
         return TaskRegistration(
             name=self.name,
             service=service,
@@ -106,12 +122,27 @@ class TaskSpec(Generic[Req, Res]):
             input_schema=msgspec.json.schema(self.request_type),
             output_schema=msgspec.json.schema(self.result_type),
             registered_at=utc_now(),
+            retry=self.retry,
+            timeout_s=self.timeout_s,
+            response_timeout_s=ack_wait_s,
         )
 
 
-def task(name: str, handler: Handler[Req, Res], *, description: str = "") -> TaskSpec[Req, Res]:
-    """Bind ``handler`` to the task ``name`` (its micro subject; ``tasks.<name>`` in JetStream)."""
-    return TaskSpec(name, handler, description)
+def task(
+    name: str,
+    handler: Handler[Req, Res],
+    *,
+    description: str = "",
+    retry: RetryPolicy | None = None,
+    timeout_s: float | None = None,
+) -> TaskSpec[Req, Res]:
+    """Bind ``handler`` to the task ``name`` (its micro subject; ``tasks.<name>`` in JetStream).
+
+    ``retry`` and ``timeout_s`` are registered with the task as its defaults, for a
+    definition's task that does not set its own (conductor-level retries and task
+    timeouts are applied from the reliability milestone on; today they are recorded).
+    """
+    return TaskSpec(name, handler, description, retry, timeout_s)
 
 
 def _terminal(exc: BaseException) -> bool:
@@ -154,7 +185,9 @@ class Agent:
             nc, name=self.name, version=self.version, description=self.description
         )
         for spec in self.tasks:
-            await buckets["tasks"].put(spec.name, _encode(spec.registration(self.name)))
+            await buckets["tasks"].put(
+                spec.name, _encode(spec.registration(self.name, settings.ack_wait_s))
+            )
             endpoint = spec.name.rsplit(".", 1)[-1]
             await add_endpoint(
                 self._service, endpoint, spec.name, self._direct(spec), settings.concurrency
