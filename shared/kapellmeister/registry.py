@@ -34,6 +34,7 @@ from kapellmeister.definitions import (
     parse_definition,
 )
 from kapellmeister.errors import Conflict, DefinitionNotFound, InvalidDefinition
+from kapellmeister.store import read_bucket
 
 __all__ = ["DefinitionStore", "DefinitionSummaries", "DefinitionSummary", "Registry"]
 
@@ -137,32 +138,24 @@ class DefinitionStore:
 
     async def reload(self) -> None:
         """Read every stored definition into the registry."""
-        watcher = await self.kv.watchall()
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                self._add(entry.key, entry.value)
-        finally:
-            await watcher.stop()
+        async for value in read_bucket(self.kv):
+            self._add(value)
 
     async def _follow(self) -> None:
         watcher = await self.kv.watchall(include_history=False)
         try:
             async for entry in watcher:
-                if entry is not None:
-                    self._add(entry.key, entry.value)
+                if entry is not None and entry.value:
+                    self._add(entry.value)
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()
 
-    def _add(self, key: str, value: bytes | None) -> None:
-        if not value:
-            return
+    def _add(self, value: bytes) -> None:
         try:
             self.registry.add(compile_definition(parse_definition(value)))
         except InvalidDefinition as exc:  # stored by a newer conductor, say
-            log.warning("definition %s is not loadable here: %s", key, exc.message)
+            log.warning("a stored definition is not loadable here: %s", exc.message)
 
     async def get(self, name: str, version: int | None = None) -> Definition:
         """Like `Registry.get`, reading the bucket again before a 404."""

@@ -11,17 +11,21 @@ and skip a read; a stale entry costs one failed CAS and a reload, never a wrong 
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
 import msgspec
+import nats.errors
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from kapellmeister.messages import TERMINAL, Saga
 
-__all__ = ["CasConflict", "SagaStore", "Versioned"]
+__all__ = ["CasConflict", "SagaStore", "Versioned", "read_bucket"]
+
+log = logging.getLogger("kapellmeister.store")
 
 T = TypeVar("T")
 
@@ -34,6 +38,28 @@ class Versioned(msgspec.Struct, frozen=True):
 
     state: Saga | None
     revision: int
+
+
+async def read_bucket(kv: KeyValue, quiet_s: float = 10.0) -> AsyncIterator[bytes]:
+    """The latest value of every key of a bucket (an ordered consumer over it).
+
+    The watcher marks the end of what is stored with None; should that marker never come
+    (a reconnect mid-read), a quiet ``quiet_s`` ends the read instead of hanging it.
+    """
+    watcher = await kv.watchall(ignore_deletes=True)
+    try:
+        while True:
+            try:
+                entry = await watcher.updates(timeout=quiet_s)
+            except nats.errors.TimeoutError:
+                log.warning("reading bucket %s: no end marker after %.0fs", kv._name, quiet_s)
+                return
+            if entry is None:
+                return
+            if entry.value:
+                yield entry.value
+    finally:
+        await watcher.stop()
 
 
 class CasConflict(Exception):
@@ -101,12 +127,5 @@ class SagaStore:
         ignored), so a listing or a sweep pays only for what it reads.
         """
         decode = msgspec.json.Decoder(as_type).decode
-        watcher = await self.kv.watchall(ignore_deletes=True)
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                if entry.value:
-                    yield decode(entry.value)
-        finally:
-            await watcher.stop()
+        async for value in read_bucket(self.kv):
+            yield decode(value)
