@@ -1,7 +1,10 @@
-"""The ``kapellmeister`` command: a thin client of the public NATS API, plus ``serve`` and ``demo``.
+"""The ``kapellmeister`` command: a thin client of the public NATS API, plus local tools.
 
 Every client command sends exactly what the ``nats`` CLI would (``nats req conductor.get.<id>``)
-and prints the JSON reply; an error reply prints its JSON body on stderr and exits 1.
+and prints the reply: readable for people by default, the reply itself with ``--json``. An
+error reply prints its JSON body on stderr and exits 1. ``serve`` and ``demo`` run services;
+``check`` checks a definition file without a server (or against the agents' registered
+tasks with ``--online``).
 """
 
 from __future__ import annotations
@@ -11,17 +14,43 @@ import asyncio
 import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import msgspec
+import nats
 import nats.errors
+import yaml
+from nats.aio.client import Client
+from nats.js.errors import BucketNotFoundError, NoKeysError
 
 from kapellmeister.config import Settings
-from kapellmeister.runtime import connect
 
 __all__ = ["main", "request"]
 
 SERVICES = ("conductor", "weather", "agenda")
+# A task's output is cut to this many characters in the readable `get` (all of it with --json).
+_CELL = 60
+
+
+async def _connect(settings: Settings) -> Client:
+    """Connect once, without the services' endless reconnects: a CLI should fail, not hang."""
+
+    async def quiet(exc: Exception) -> None:
+        pass  # the failure is reported once, below
+
+    try:
+        return await nats.connect(
+            name="kapellmeister-cli",
+            allow_reconnect=False,
+            connect_timeout=5,
+            error_cb=quiet,
+            **settings.connect_options(),
+        )
+    except (OSError, TimeoutError, nats.errors.Error) as exc:
+        print(f"cannot connect to NATS at {settings.nats_url}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 async def request(
@@ -32,11 +61,14 @@ async def request(
     timeout: float = 10.0,
 ) -> bytes:
     """One request over NATS; raises `SystemExit(1)` with the error body on an error reply."""
-    nc = await connect(settings, "kapellmeister-cli")
+    nc = await _connect(settings)
     try:
         reply = await nc.request(subject, payload, timeout=timeout, headers=headers)
     except nats.errors.NoRespondersError:
         print(f"no service answers {subject}: is it running?", file=sys.stderr)
+        raise SystemExit(1) from None
+    except nats.errors.TimeoutError:
+        print(f"no reply on {subject} within {timeout:g} s", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
         await nc.drain()
@@ -46,72 +78,394 @@ async def request(
     return reply.data
 
 
+# --- what a person reads ---------------------------------------------------------------
+# Views of the replies with just the fields shown; unknown fields are ignored, so a newer
+# conductor's replies still print.
+
+
+class _Failure(msgspec.Struct):
+    type: str = ""
+    message: str = ""
+
+
+class _Task(msgspec.Struct):
+    ref: str
+    type: str = ""
+    status: str = ""
+    attempt: int = 1
+    output: Any = None
+    error: _Failure | None = None
+
+
+class _Saga(msgspec.Struct):
+    workflow_id: str = ""
+    workflow: str = ""
+    version: int = 0
+    status: str = ""
+    output: Any = None
+    error: _Failure | None = None
+    tasks: list[_Task] = []
+
+
+class _Summary(msgspec.Struct):
+    workflow_id: str
+    workflow: str = ""
+    version: int = 0
+    status: str = ""
+    tenant: str = ""
+    created_at: str = ""
+    updated_at: str = ""
+
+
+class _Summaries(msgspec.Struct):
+    workflows: list[_Summary] = []
+
+
+class _DefinitionName(msgspec.Struct):
+    name: str
+    version: int = 0
+    versions: list[int] = []
+    description: str = ""
+
+
+class _DefinitionNames(msgspec.Struct):
+    definitions: list[_DefinitionName] = []
+
+
 def _pretty(data: bytes) -> str:
     return msgspec.json.format(data, indent=2).decode()
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kapellmeister", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run a service (as python -m services.<name>)")
-    serve.add_argument("service", choices=SERVICES)
-    commands.add_parser("demo", help="embedded NATS + the three services + a few plan_day runs")
-    start = commands.add_parser("start", help="start a workflow: conductor.start.<name>")
+def _compact(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+def _value(value: Any) -> str:
+    """A value on one line; ``-`` for none yet."""
+    return "-" if value is None else _compact(value)
+
+
+def _cut(text: str, width: int = _CELL) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _failure(error: _Failure) -> str:
+    return f"{error.type}: {error.message}"
+
+
+def _table(rows: Sequence[Sequence[str]], indent: str = "") -> list[str]:
+    """Rows as lines, each column as wide as its widest cell."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+
+
+def _show_saga(data: bytes) -> str:
+    """A workflow in a few lines: what it is, where it is, then one line per task."""
+    saga = msgspec.json.decode(data, type=_Saga)
+    lines = [
+        f"workflow  {saga.workflow_id}",
+        f"name      {saga.workflow} v{saga.version}",
+        f"status    {saga.status}",
+        f"output    {_value(saga.output)}",
+        f"error     {_failure(saga.error) if saga.error else '-'}",
+    ]
+    if saga.tasks:
+        rows = [["ref", "type", "status", "attempt", "output or error"]]
+        rows += [
+            [
+                t.ref,
+                t.type,
+                t.status,
+                str(t.attempt),
+                _cut(_failure(t.error) if t.error else _value(t.output)),
+            ]
+            for t in saga.tasks
+        ]
+        lines += ["tasks", *_table(rows, indent="  ")]
+    return "\n".join(lines)
+
+
+def _show_list(data: bytes) -> str:
+    found = msgspec.json.decode(data, type=_Summaries).workflows
+    if not found:
+        return "no workflows"
+    rows = [["workflow_id", "workflow", "status", "tenant", "created_at", "updated_at"]]
+    rows += [
+        [
+            w.workflow_id,
+            f"{w.workflow} v{w.version}",
+            w.status,
+            w.tenant or "-",
+            w.created_at,
+            w.updated_at,
+        ]
+        for w in found
+    ]
+    return "\n".join(_table(rows))
+
+
+def _show_registered(data: bytes) -> str:
+    registered = msgspec.json.decode(data, type=_DefinitionName)
+    return f"registered {registered.name} v{registered.version}"
+
+
+def _show_definitions(data: bytes) -> str:
+    found = msgspec.json.decode(data, type=_DefinitionNames).definitions
+    if not found:
+        return "no definitions"
+    rows = [["name", "latest", "versions", "description"]]
+    rows += [
+        [d.name, f"v{d.version}", ",".join(map(str, d.versions)) or "-", d.description]
+        for d in found
+    ]
+    return "\n".join(_table(rows))
+
+
+# --- the requests each client command sends -------------------------------------------------
+
+
+class _Call(NamedTuple):
+    """A request as ``nats req`` would send it."""
+
+    subject: str
+    payload: bytes = b""
+    headers: dict[str, str] | None = None
+
+
+def _headers(*pairs: tuple[str, object]) -> dict[str, str] | None:
+    """The headers whose value is given, as text; None when there are none."""
+    headers = {name: str(value) for name, value in pairs if value is not None}
+    return headers or None
+
+
+def _start(args: argparse.Namespace) -> _Call:
+    headers = _headers(
+        ("Workflow-Id", args.id), ("Workflow-Version", args.version), ("Tenant", args.tenant)
+    )
+    return _Call(f"conductor.start.{args.workflow}", args.input.encode(), headers)
+
+
+def _get(args: argparse.Namespace) -> _Call:
+    return _Call(f"conductor.get.{args.workflow_id}")
+
+
+def _list(args: argparse.Namespace) -> _Call:
+    query = {"status": args.status, "workflow": args.workflow, "limit": args.limit}
+    return _Call(
+        "conductor.list", msgspec.json.encode({k: v for k, v in query.items() if v is not None})
+    )
+
+
+def _signal(args: argparse.Namespace) -> _Call:
+    return _Call(f"conductor.signal.{args.workflow_id}.{args.task_ref}", args.output.encode())
+
+
+def _terminate(args: argparse.Namespace) -> _Call:
+    body = {} if args.reason is None else {"reason": args.reason}
+    return _Call(f"conductor.terminate.{args.workflow_id}", msgspec.json.encode(body))
+
+
+def _register(args: argparse.Namespace) -> _Call:
+    return _Call("conductor.definitions.register", msgspec.json.encode(_load(Path(args.file))))
+
+
+def _definition(args: argparse.Namespace) -> _Call:
+    return _Call(
+        f"conductor.definitions.get.{args.name}",
+        headers=_headers(("Workflow-Version", args.version)),
+    )
+
+
+def _definitions(args: argparse.Namespace) -> _Call:
+    return _Call("conductor.definitions.list", b"{}")
+
+
+def _load(path: Path) -> Any:
+    """A YAML or JSON file as plain data (JSON is YAML); exits 1 when it cannot be read."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _client(args: argparse.Namespace) -> None:
+    """Send the command's request and print the reply."""
+    call: _Call = args.call(args)
+    reply = asyncio.run(request(Settings.from_env(), *call))
+    show: Callable[[bytes], str] = args.show
+    print(reply.decode() if args.json else show(reply))
+
+
+# --- the commands that are not requests ----------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> None:
+    importlib.import_module(f"services.{args.service}.__main__").main()
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from kapellmeister.demo import run_demo
+
+    run_demo(Settings.from_env(), embedded="NATS_URL" not in os.environ)
+
+
+async def _registered_tasks(settings: Settings) -> dict[str, Any]:
+    """Every entry of the ``tasks`` bucket (what the agents registered), by task name."""
+    nc = await _connect(settings)
+    try:
+        kv = await nc.jetstream().key_value("tasks")
+        try:
+            keys = await kv.keys()
+        except NoKeysError:
+            keys = []
+        tasks: dict[str, Any] = {}
+        for key in keys:
+            registration = msgspec.json.decode((await kv.get(key)).value or b"{}")
+            tasks[registration["name"]] = registration
+        return tasks
+    except BucketNotFoundError:
+        print("no tasks bucket: no agent has started on this server", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        await nc.drain()
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Static checks of a definition file: each problem as ``path: message``, exit 1 if any."""
+    try:
+        # Imported here so that every other command works without the checker.
+        from kapellmeister.checker import check_file
+    except ImportError as exc:
+        print(f"check is not available: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    path = Path(args.file)
+    online = asyncio.run(_registered_tasks(Settings.from_env())) if args.online else None
+    try:
+        problems = check_file(path, online)
+    except OSError as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if args.json:
+        print(_compact({"problems": [{"path": p.path, "message": p.message} for p in problems]}))
+    else:
+        for problem in problems:
+            print(f"{problem.path}: {problem.message}")
+    if problems:
+        raise SystemExit(1)
+    if not args.json:
+        definition = _load(path)
+        print(f"ok: {definition.get('name')} v{definition.get('version')}")
+
+
+# --- the parser ----------------------------------------------------------------------
+
+
+def _client_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    summary: str,
+    call: Callable[[argparse.Namespace], _Call],
+    show: Callable[[bytes], str] = _pretty,
+) -> argparse.ArgumentParser:
+    command = commands.add_parser(name, help=summary)
+    command.add_argument("--json", action="store_true", help="the reply as compact JSON")
+    command.set_defaults(handler=_client, call=call, show=show)
+    return command
+
+
+def _add_workflow_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    start = _client_command(commands, "start", "start a workflow: conductor.start.<name>", _start)
     start.add_argument("workflow")
     start.add_argument("input", nargs="?", default="{}", help="the input as JSON")
     start.add_argument("--id", help="the workflow id (Workflow-Id): makes the start idempotent")
     start.add_argument("--version", type=int, help="the definition version (Workflow-Version)")
     start.add_argument("--tenant", help="the tenant (Tenant header)")
-    get = commands.add_parser("get", help="a workflow's saga state: conductor.get.<id>")
+    get = _client_command(
+        commands, "get", "a workflow's saga state: conductor.get.<id>", _get, _show_saga
+    )
     get.add_argument("workflow_id")
-    listing = commands.add_parser("list", help="workflows, newest first: conductor.list")
+    listing = _client_command(
+        commands, "list", "workflows, newest first: conductor.list", _list, _show_list
+    )
     listing.add_argument("--status")
     listing.add_argument("--workflow")
     listing.add_argument("--limit", type=int, default=20)
-    for command in (start, get, listing):
-        command.add_argument("--json", action="store_true", help="compact JSON output")
+    signal = _client_command(
+        commands,
+        "signal",
+        "complete a WAIT task: conductor.signal.<id>.<ref>",
+        _signal,
+        _show_saga,
+    )
+    signal.add_argument("workflow_id")
+    signal.add_argument("task_ref")
+    signal.add_argument("output", nargs="?", default="{}", help="the task's output as JSON")
+    terminate = _client_command(
+        commands, "terminate", "end a workflow: conductor.terminate.<id>", _terminate, _show_saga
+    )
+    terminate.add_argument("workflow_id")
+    terminate.add_argument("--reason")
+
+
+def _add_definitions_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    group = commands.add_parser("definitions", help="workflow definitions: register, get, list")
+    definitions = group.add_subparsers(dest="definitions_command", required=True)
+    register = _client_command(
+        definitions,
+        "register",
+        "register a YAML or JSON definition: conductor.definitions.register",
+        _register,
+        _show_registered,
+    )
+    register.add_argument("file")
+    get = _client_command(
+        definitions, "get", "a definition: conductor.definitions.get.<name>", _definition
+    )
+    get.add_argument("name")
+    get.add_argument("--version", type=int, help="this version (Workflow-Version), not the latest")
+    _client_command(
+        definitions,
+        "list",
+        "every definition: conductor.definitions.list",
+        _definitions,
+        _show_definitions,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kapellmeister",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run a service (as python -m services.<name>)")
+    serve.add_argument("service", choices=SERVICES)
+    serve.set_defaults(handler=_serve)
+    demo = commands.add_parser("demo", help="embedded NATS + the three services + a few runs")
+    demo.set_defaults(handler=_demo)
+    _add_workflow_commands(commands)
+    _add_definitions_commands(commands)
+    check = commands.add_parser("check", help="static checks of a definition file")
+    check.add_argument("file")
+    check.add_argument(
+        "--online", action="store_true", help="also check against the tasks agents registered"
+    )
+    check.add_argument("--json", action="store_true", help='{"problems": [{"path", "message"}]}')
+    check.set_defaults(handler=_check)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``kapellmeister`` command."""
     args = _parser().parse_args(argv)
-    if args.command == "serve":
-        importlib.import_module(f"services.{args.service}.__main__").main()
-        return
-    if args.command == "demo":
-        from kapellmeister.demo import run_demo
-
-        run_demo(Settings.from_env(), embedded="NATS_URL" not in os.environ)
-        return
-    settings = Settings.from_env()
-    if args.command == "start":
-        headers = {
-            k: str(v)
-            for k, v in (
-                ("Workflow-Id", args.id),
-                ("Workflow-Version", args.version),
-                ("Tenant", args.tenant),
-            )
-            if v is not None
-        }
-        reply = asyncio.run(
-            request(settings, f"conductor.start.{args.workflow}", args.input.encode(), headers)
-        )
-    elif args.command == "get":
-        reply = asyncio.run(request(settings, f"conductor.get.{args.workflow_id}"))
-    else:
-        query = {
-            k: v
-            for k, v in (
-                ("status", args.status),
-                ("workflow", args.workflow),
-                ("limit", args.limit),
-            )
-            if v is not None
-        }
-        reply = asyncio.run(request(settings, "conductor.list", msgspec.json.encode(query)))
-    print(reply.decode() if args.json else _pretty(reply))
+    args.handler(args)
 
 
 if __name__ == "__main__":
