@@ -120,19 +120,21 @@ def _ran_before(definition: Definition) -> dict[str, frozenset[str]]:
 
 
 def _inside(task: TaskDef) -> Iterator[str]:
-    """Every ref within ``task``, itself included."""
+    """Every ref within ``task`` that expressions after it can name, itself included.
+
+    A dynamic FORK's ``each`` is not one of them: its runs are recorded as ``each[0]``,
+    ``each[1]``…, and read through the FORK's output.
+    """
     yield task.ref
     match task:
         case SwitchTask(cases=cases, default=default):
             for branch in (*cases.values(), default or []):
                 for inner in branch:
                     yield from _inside(inner)
-        case ForkTask(branches=branches, each=each):
+        case ForkTask(branches=branches):
             for branch in branches:
                 for inner in branch:
                     yield from _inside(inner)
-            if each is not None:
-                yield each.ref
 
 
 def _walk_before(
