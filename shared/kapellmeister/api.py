@@ -26,6 +26,7 @@ from kapellmeister.errors import BadRequest, Conflict, NotFound, WorkflowNotFoun
 from kapellmeister.messages import (
     Fact,
     ListRequest,
+    RetryRequested,
     SignalReceived,
     Started,
     StartReply,
@@ -79,6 +80,7 @@ async def serve_api(conductor: Conductor, nc: Client) -> Service:
         ("list", "conductor.list", api.list),
         ("signal", "conductor.signal.*.*", api.signal),
         ("terminate", "conductor.terminate.*", api.terminate),
+        ("retry", "conductor.retry.*", api.retry),
         ("definitions-register", "conductor.definitions.register", api.register),
         ("definitions-get", "conductor.definitions.get.*", api.definition),
         ("definitions-list", "conductor.definitions.list", api.definitions),
@@ -168,6 +170,11 @@ class _Api:
         body = _decode_terminate(request.data or b"{}")
         return await self._request_fact(
             TerminateRequested(workflow_id=_workflow_id(request), reason=body.reason, at=utc_now())
+        )
+
+    async def retry(self, request: Request) -> bytes:
+        return await self._request_fact(
+            RetryRequested(workflow_id=_workflow_id(request), at=utc_now())
         )
 
     async def register(self, request: Request) -> bytes:

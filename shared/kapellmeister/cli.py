@@ -268,6 +268,10 @@ def _terminate(args: argparse.Namespace) -> _Call:
     return _Call(f"conductor.terminate.{args.workflow_id}", msgspec.json.encode(body))
 
 
+def _retry(args: argparse.Namespace) -> _Call:
+    return _Call(f"conductor.retry.{args.workflow_id}", b"")
+
+
 def _register(args: argparse.Namespace) -> _Call:
     return _Call("conductor.definitions.register", msgspec.json.encode(_load(Path(args.file))))
 
@@ -409,6 +413,14 @@ def _add_workflow_commands(commands: argparse._SubParsersAction[argparse.Argumen
     )
     terminate.add_argument("workflow_id")
     terminate.add_argument("--reason")
+    retry = _client_command(
+        commands,
+        "retry",
+        "run a failed workflow's failed task again: conductor.retry.<id>",
+        _retry,
+        _show_saga,
+    )
+    retry.add_argument("workflow_id")
 
 
 def _add_definitions_commands(

@@ -46,6 +46,7 @@ from kapellmeister.messages import (
     Failure,
     NotifyParent,
     PublishEvent,
+    RetryDue,
     RunTask,
     Saga,
     ScheduleTimer,
@@ -217,10 +218,12 @@ class Conductor:
                     attempt=command.attempt,
                     status="COMPLETED",
                     output={"fired_at": command.fire_at},
+                    timer=None if command.purpose == "delay" else command.purpose,
                 )
                 headers["Nats-Schedule"] = f"@at {command.fire_at}"
                 headers["Nats-Schedule-Target"] = f"results.{command.workflow_id}"
-                subject = f"timers.{command.workflow_id}.{command.ref}.{command.attempt}"
+                where = f"{command.workflow_id}.{command.ref}.{command.attempt}"
+                subject = f"timers.{where}.{command.purpose}"
                 await self.js.publish(subject, _encode(fired), headers=headers)
             case StartWorkflow():
                 await self._start_child(command, trace)
@@ -403,8 +406,12 @@ class _SweepHead(msgspec.Struct, frozen=True):
     unpublished: str = ""
 
 
-def _fact(result: TaskResult, at: str) -> TaskCompleted | TaskFailed:
-    """The fact a task result states."""
+def _fact(result: TaskResult, at: str) -> TaskCompleted | TaskFailed | RetryDue:
+    """The fact a task result (or a timer firing on the results stream) states."""
+    if result.timer == "retry":
+        return RetryDue(
+            workflow_id=result.workflow_id, ref=result.ref, attempt=result.attempt, at=at
+        )
     if result.status == "FAILED" and result.error is not None:
         return TaskFailed(
             workflow_id=result.workflow_id,

@@ -33,6 +33,7 @@ from kapellmeister.definitions import (
     ForkTask,
     JoinTask,
     Node,
+    RetryPolicy,
     SetVariableTask,
     SimpleTask,
     SubWorkflowTask,
@@ -44,6 +45,7 @@ from kapellmeister.definitions import (
 from kapellmeister.expressions import Json, switch_key
 from kapellmeister.messages import (
     TERMINAL,
+    Attempt,
     Command,
     Fact,
     Failure,
@@ -51,6 +53,8 @@ from kapellmeister.messages import (
     ParentLink,
     PublishEvent,
     Refusal,
+    RetryDue,
+    RetryRequested,
     RunTask,
     Saga,
     ScheduleTimer,
@@ -105,6 +109,10 @@ def fact_id(fact: Fact) -> str:
             return f"signal:{ref}"
         case TerminateRequested():
             return "terminate"
+        case RetryDue(ref=ref, attempt=attempt):
+            return f"{ref}#{attempt}:due"
+        case RetryRequested(at=at):
+            return f"retry@{at}"
 
 
 def task_msg_id(workflow_id: str, ref: str, attempt: int) -> str:
@@ -141,6 +149,10 @@ def decide(definition: Definition, state: Saga | None, fact: Fact) -> Decision:
             return _signal(definition, state, fact)
         case TerminateRequested():
             return _terminate(definition, state, fact)
+        case RetryDue():
+            return _retry_due(definition, state, fact)
+        case RetryRequested():
+            return _retry_requested(definition, state, fact)
     return Decision(state, ())  # pragma: no cover - every fact type is matched above
 
 
@@ -173,6 +185,15 @@ def commands_caused_by(definition: Definition, state: Saga, cause: str) -> tuple
 def _command(state: Saga, record: TaskRecord, task: TaskDef) -> Command | None:
     msg_id = task_msg_id(state.workflow_id, record.ref, record.attempt)
     match task:
+        case SimpleTask() if record.status == "SCHEDULED" and record.retry_at is not None:
+            return ScheduleTimer(
+                msg_id=f"{msg_id}:retry",
+                workflow_id=state.workflow_id,
+                ref=record.ref,
+                attempt=record.attempt,
+                fire_at=record.retry_at,
+                purpose="retry",
+            )
         case SimpleTask(task=name) if record.status == "SCHEDULED":
             return RunTask(
                 msg_id=msg_id,
@@ -371,14 +392,113 @@ def _task_ended(definition: Definition, state: Saga, fact: TaskCompleted | TaskF
             draft.put(_ended(record, "COMPLETED", fact, output=output))
             _finish_task(draft, fact.ref)
         case TaskFailed(error=error):
-            draft.put(_ended(record, "FAILED", fact, error=error))
-            if getattr(node.task, "optional", False):
+            failed = _ended(record, "FAILED", fact, error=error)
+            policy = node.task.retry if isinstance(node.task, SimpleTask) else None
+            if policy is not None and error.retryable and record.attempt <= policy.count:
+                draft.put(_next_attempt(failed, draft, _backoff_s(policy, record.attempt)))
+            elif getattr(node.task, "optional", False):
+                draft.put(failed)
                 _finish_task(draft, fact.ref)
             else:
+                draft.put(failed)
                 message = f"task {fact.ref!r} failed: {error.message}"
                 draft.finish(
                     "FAILED", None, Failure(type="task_failed", message=message, task=fact.ref)
                 )
+    return _decided(definition, draft)
+
+
+def _backoff_s(policy: RetryPolicy, attempt: int) -> float:
+    """Seconds before retry number ``attempt`` (1 for the first retry)."""
+    match policy.logic:
+        case "FIXED":
+            return policy.delay_s
+        case "LINEAR":
+            return policy.delay_s * attempt
+        case "EXPONENTIAL":
+            return policy.delay_s * float(2 ** (attempt - 1))
+    return policy.delay_s  # pragma: no cover - the logic is a Literal
+
+
+def _next_attempt(failed: TaskRecord, draft: _Draft, delay_s: float) -> TaskRecord:
+    """The next attempt of a failed task: SCHEDULED now, or once its backoff is over."""
+    earlier = Attempt(
+        attempt=failed.attempt,
+        status=failed.status,
+        error=failed.error,
+        started_at=failed.started_at,
+        ended_at=failed.ended_at,
+        worker=failed.worker,
+    )
+    retry_at = utc_text(_parse(draft.at) + datetime.timedelta(seconds=delay_s)) if delay_s else None
+    return msgspec.structs.replace(
+        failed,
+        status="SCHEDULED",
+        attempt=failed.attempt + 1,
+        output=None,
+        error=None,
+        scheduled_at=draft.at,
+        started_at=None,
+        ended_at=None,
+        worker="",
+        cause=draft.cause,
+        retry_at=retry_at,
+        history=[*failed.history, earlier],
+    )
+
+
+def _retry_due(definition: Definition, state: Saga, fact: RetryDue) -> Decision:
+    cause = fact_id(fact)
+    record = next((t for t in state.tasks if t.ref == fact.ref), None)
+    if record is None or record.attempt != fact.attempt or record.status != "SCHEDULED":
+        return Decision(state, ())  # a timer for an attempt that is gone
+    if record.retry_at is None:
+        return Decision(state, commands_caused_by(definition, state, cause))  # redelivery
+    if state.status != "RUNNING":
+        return Decision(state, ())
+    draft = _Draft(definition, state, fact.at, cause)
+    draft.put(msgspec.structs.replace(record, retry_at=None, cause=cause))
+    return _decided(definition, draft)
+
+
+def _retry_requested(definition: Definition, state: Saga, fact: RetryRequested) -> Decision:
+    """Run the failed task again (and what its failure canceled); history is kept."""
+    if state.status not in {"FAILED", "TIMED_OUT", "TERMINATED"}:
+        return Decision(
+            state,
+            (),
+            Refusal(
+                409,
+                f"workflow {state.workflow_id} is "
+                f"{state.status}: only a finished, failed one "
+                "can be retried",
+            ),
+        )
+    again = [
+        t
+        for t in state.tasks
+        if t.status in {"FAILED", "TIMED_OUT", "CANCELED"}
+        and t.type in {"SIMPLE", "WAIT", "SUB_WORKFLOW", "DELAY"}
+    ]
+    if not again:
+        return Decision(state, (), Refusal(409, "no failed task to retry"))
+    draft = _Draft(definition, state, fact.at, fact_id(fact))
+    draft.status, draft.error, draft.output, draft.ended_by = "RUNNING", None, None, ""
+    for record in again:
+        retried = _next_attempt(record, draft, 0)
+        if record.type == "WAIT":
+            retried = msgspec.structs.replace(retried, status="IN_PROGRESS", started_at=fact.at)
+        elif record.type == "SUB_WORKFLOW":
+            retried = msgspec.structs.replace(
+                retried, child=child_workflow_id(state.workflow_id, record.ref, retried.attempt)
+            )
+        elif record.type == "DELAY" and isinstance(record.input, dict):
+            retried = msgspec.structs.replace(retried, input={**record.input, "fire_at": fact.at})
+        draft.put(retried)
+    # FORKs the failure canceled are running again.
+    for record in list(draft.tasks.values()):
+        if record.type == "FORK" and record.status == "CANCELED":
+            draft.put(msgspec.structs.replace(record, status="IN_PROGRESS", ended_at=None))
     return _decided(definition, draft)
 
 

@@ -22,6 +22,9 @@ import msgspec
 from kapellmeister.expressions import Json
 
 __all__ = [
+    "RetryRequested",
+    "RetryDue",
+    "Attempt",
     "TerminateRequested",
     "StartWorkflow",
     "SignalReceived",
@@ -100,9 +103,22 @@ class TaskResult(msgspec.Struct, frozen=True, kw_only=True):
     error: Failure | None = None
     started_at: str | None = None
     worker: str = ""
+    # Set on results JetStream publishes for a timer: "retry" (a retry's backoff is over).
+    timer: str | None = None
 
 
 # --- the saga ------------------------------------------------------------------------
+
+
+class Attempt(msgspec.Struct, frozen=True, kw_only=True):
+    """An earlier attempt of a task, kept when it is retried."""
+
+    attempt: int
+    status: TaskStatus
+    error: Failure | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    worker: str = ""
 
 
 class TaskRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -129,6 +145,10 @@ class TaskRecord(msgspec.Struct, frozen=True, kw_only=True):
     child: str | None = None
     # A FORK's finished branches (static) or items (dynamic), by index.
     branches_done: list[int] | None = None
+    # When this attempt is a retry waiting for its backoff, when that ends.
+    retry_at: str | None = None
+    # The attempts before this one, oldest first.
+    history: list[Attempt] = []
 
 
 class ParentLink(msgspec.Struct, frozen=True, kw_only=True):
@@ -210,6 +230,22 @@ class SignalReceived(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     at: str
 
 
+class RetryDue(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """A retry's backoff is over: dispatch attempt ``attempt`` of ``ref``."""
+
+    workflow_id: str
+    ref: str
+    attempt: int
+    at: str
+
+
+class RetryRequested(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """``conductor.retry.<workflow_id>``: run the failed task again, keeping its history."""
+
+    workflow_id: str
+    at: str
+
+
 class TerminateRequested(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """``conductor.terminate.<workflow_id>``: end the workflow TERMINATED now."""
 
@@ -218,7 +254,15 @@ class TerminateRequested(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     at: str
 
 
-Fact = Started | TaskCompleted | TaskFailed | SignalReceived | TerminateRequested
+Fact = (
+    Started
+    | TaskCompleted
+    | TaskFailed
+    | SignalReceived
+    | TerminateRequested
+    | RetryDue
+    | RetryRequested
+)
 
 
 # --- commands: what to do, the decider's output ----------------------------------------
@@ -245,13 +289,17 @@ class PublishEvent(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
 
 class ScheduleTimer(msgspec.Struct, frozen=True, kw_only=True, tag=True):
-    """Have JetStream deliver a completed result for ``ref`` at ``fire_at`` (a DELAY)."""
+    """Have JetStream deliver a result for ``ref`` at ``fire_at``.
+
+    ``purpose`` "delay": a completed result (a DELAY is over); "retry": a `RetryDue`.
+    """
 
     msg_id: str
     workflow_id: str
     ref: str
     attempt: int
     fire_at: str
+    purpose: Literal["delay", "retry"] = "delay"
 
 
 class StartWorkflow(msgspec.Struct, frozen=True, kw_only=True, tag=True):
