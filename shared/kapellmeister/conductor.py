@@ -56,6 +56,8 @@ from kapellmeister.messages import (
     TaskFailed,
     TaskRequest,
     TaskResult,
+    TaskTimedOut,
+    WorkflowTimedOut,
     utc_text,
 )
 from kapellmeister.registry import DefinitionStore, Registry
@@ -406,12 +408,18 @@ class _SweepHead(msgspec.Struct, frozen=True):
     unpublished: str = ""
 
 
-def _fact(result: TaskResult, at: str) -> TaskCompleted | TaskFailed | RetryDue:
+def _fact(result: TaskResult, at: str) -> Fact:
     """The fact a task result (or a timer firing on the results stream) states."""
     if result.timer == "retry":
         return RetryDue(
             workflow_id=result.workflow_id, ref=result.ref, attempt=result.attempt, at=at
         )
+    if result.timer == "timeout":
+        return TaskTimedOut(
+            workflow_id=result.workflow_id, ref=result.ref, attempt=result.attempt, at=at
+        )
+    if result.timer == "workflow_timeout":
+        return WorkflowTimedOut(workflow_id=result.workflow_id, at=at)
     if result.status == "FAILED" and result.error is not None:
         return TaskFailed(
             workflow_id=result.workflow_id,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import datetime
 import re
-from typing import Final
+from typing import Final, Literal
 
 import msgspec
 
@@ -65,8 +65,10 @@ from kapellmeister.messages import (
     TaskFailed,
     TaskRecord,
     TaskStatus,
+    TaskTimedOut,
     TerminateRequested,
     WorkflowStatus,
+    WorkflowTimedOut,
     utc_text,
 )
 
@@ -113,6 +115,10 @@ def fact_id(fact: Fact) -> str:
             return f"{ref}#{attempt}:due"
         case RetryRequested(at=at):
             return f"retry@{at}"
+        case TaskTimedOut(ref=ref, attempt=attempt):
+            return f"{ref}#{attempt}:timeout"
+        case WorkflowTimedOut():
+            return "workflow:timeout"
 
 
 def task_msg_id(workflow_id: str, ref: str, attempt: int) -> str:
@@ -153,6 +159,10 @@ def decide(definition: Definition, state: Saga | None, fact: Fact) -> Decision:
             return _retry_due(definition, state, fact)
         case RetryRequested():
             return _retry_requested(definition, state, fact)
+        case TaskTimedOut():
+            return _task_timed_out(definition, state, fact)
+        case WorkflowTimedOut():
+            return _workflow_timed_out(definition, state, fact)
     return Decision(state, ())  # pragma: no cover - every fact type is matched above
 
 
@@ -168,6 +178,10 @@ def commands_caused_by(definition: Definition, state: Saga, cause: str) -> tuple
         command = _command(state, record, node.task)
         if command is not None:
             commands.append(command)
+        if record.timeout_at is not None and record.status in _WAITING and record.retry_at is None:
+            commands.append(_timer(state, record.ref, record.attempt, record.timeout_at, "timeout"))
+    if cause == START and state.timeout_at is not None:
+        commands.append(_timer(state, "workflow", 1, state.timeout_at, "workflow_timeout"))
     if state.parent is not None and state.ended_by == cause and state.status in TERMINAL:
         commands.append(
             NotifyParent(
@@ -180,6 +194,23 @@ def commands_caused_by(definition: Definition, state: Saga, cause: str) -> tuple
             )
         )
     return tuple(commands)
+
+
+def _timer(
+    state: Saga,
+    ref: str,
+    attempt: int,
+    fire_at: str,
+    purpose: Literal["timeout", "workflow_timeout"],
+) -> ScheduleTimer:
+    return ScheduleTimer(
+        msg_id=f"{task_msg_id(state.workflow_id, ref, attempt)}:{purpose}",
+        workflow_id=state.workflow_id,
+        ref=ref,
+        attempt=attempt,
+        fire_at=fire_at,
+        purpose=purpose,
+    )
 
 
 def _command(state: Saga, record: TaskRecord, task: TaskDef) -> Command | None:
@@ -368,6 +399,7 @@ def _start(definition: Definition, fact: Started) -> Decision:
         trace_id=fact.trace_id,
         traceparent=fact.traceparent,
         parent=fact.parent,
+        timeout_at=_deadline(fact.at, definition.spec.timeout_s),
     )
     draft = _Draft(definition, state, fact.at, START)
     _run(draft, definition.first)
@@ -393,9 +425,14 @@ def _task_ended(definition: Definition, state: Saga, fact: TaskCompleted | TaskF
             _finish_task(draft, fact.ref)
         case TaskFailed(error=error):
             failed = _ended(record, "FAILED", fact, error=error)
-            policy = node.task.retry if isinstance(node.task, SimpleTask) else None
-            if policy is not None and error.retryable and record.attempt <= policy.count:
-                draft.put(_next_attempt(failed, draft, _backoff_s(policy, record.attempt)))
+            task = node.task
+            if (
+                isinstance(task, SimpleTask)
+                and error.retryable
+                and record.attempt <= task.retry.count
+            ):
+                delay = _backoff_s(task.retry, record.attempt)
+                draft.put(_next_attempt(failed, draft, delay, task.timeout_s))
             elif getattr(node.task, "optional", False):
                 draft.put(failed)
                 _finish_task(draft, fact.ref)
@@ -420,7 +457,9 @@ def _backoff_s(policy: RetryPolicy, attempt: int) -> float:
     return policy.delay_s  # pragma: no cover - the logic is a Literal
 
 
-def _next_attempt(failed: TaskRecord, draft: _Draft, delay_s: float) -> TaskRecord:
+def _next_attempt(
+    failed: TaskRecord, draft: _Draft, delay_s: float, timeout_s: float | None = None
+) -> TaskRecord:
     """The next attempt of a failed task: SCHEDULED now, or once its backoff is over."""
     earlier = Attempt(
         attempt=failed.attempt,
@@ -443,6 +482,7 @@ def _next_attempt(failed: TaskRecord, draft: _Draft, delay_s: float) -> TaskReco
         worker="",
         cause=draft.cause,
         retry_at=retry_at,
+        timeout_at=None if retry_at else _deadline(draft.at, timeout_s),
         history=[*failed.history, earlier],
     )
 
@@ -457,7 +497,58 @@ def _retry_due(definition: Definition, state: Saga, fact: RetryDue) -> Decision:
     if state.status != "RUNNING":
         return Decision(state, ())
     draft = _Draft(definition, state, fact.at, cause)
-    draft.put(msgspec.structs.replace(record, retry_at=None, cause=cause))
+    node = node_of(definition, fact.ref)
+    timeout_s = node.task.timeout_s if node and isinstance(node.task, SimpleTask) else None
+    draft.put(
+        msgspec.structs.replace(
+            record, retry_at=None, cause=cause, timeout_at=_deadline(fact.at, timeout_s)
+        )
+    )
+    return _decided(definition, draft)
+
+
+def _task_timed_out(definition: Definition, state: Saga, fact: TaskTimedOut) -> Decision:
+    """An attempt ran past ``timeout_s``: its ``timeout_policy`` says what happens."""
+    cause = fact_id(fact)
+    record = next((t for t in state.tasks if t.ref == fact.ref), None)
+    node = node_of(definition, fact.ref)
+    if record is None or record.attempt != fact.attempt or node is None:
+        return Decision(state, ())
+    if record.status not in _WAITING or state.status != "RUNNING" or record.retry_at is not None:
+        return Decision(state, commands_caused_by(definition, state, cause))
+    task = node.task
+    if not isinstance(task, SimpleTask):
+        return Decision(state, ())
+    draft = _Draft(definition, state, fact.at, cause)
+    message = (
+        f"task {fact.ref!r} attempt {fact.attempt} ran past its timeout_s ({task.timeout_s} s)"
+    )
+    error = Failure(type="timed_out", message=message, retryable=True, task=fact.ref)
+    if task.timeout_policy == "ALERT_ONLY":
+        # Keep waiting; the saga shows the alert until the result comes.
+        draft.put(msgspec.structs.replace(record, error=error))
+        return _decided(definition, draft)
+    timed_out = msgspec.structs.replace(record, status="TIMED_OUT", error=error, ended_at=fact.at)
+    if task.timeout_policy == "RETRY" and record.attempt <= task.retry.count:
+        draft.put(
+            _next_attempt(timed_out, draft, _backoff_s(task.retry, record.attempt), task.timeout_s)
+        )
+    else:
+        draft.put(timed_out)
+        draft.finish("TIMED_OUT", None, error)
+    return _decided(definition, draft)
+
+
+def _workflow_timed_out(definition: Definition, state: Saga, fact: WorkflowTimedOut) -> Decision:
+    if state.status in TERMINAL:
+        return Decision(state, ())
+    draft = _Draft(definition, state, fact.at, fact_id(fact))
+    seconds = definition.spec.timeout_s
+    draft.finish(
+        "TIMED_OUT",
+        None,
+        Failure(type="timed_out", message=f"workflow ran past its timeout_s ({seconds} s)"),
+    )
     return _decided(definition, draft)
 
 
@@ -485,7 +576,9 @@ def _retry_requested(definition: Definition, state: Saga, fact: RetryRequested) 
     draft = _Draft(definition, state, fact.at, fact_id(fact))
     draft.status, draft.error, draft.output, draft.ended_by = "RUNNING", None, None, ""
     for record in again:
-        retried = _next_attempt(record, draft, 0)
+        node = node_of(definition, record.ref)
+        timeout_s = node.task.timeout_s if node and isinstance(node.task, SimpleTask) else None
+        retried = _next_attempt(record, draft, 0, timeout_s)
         if record.type == "WAIT":
             retried = msgspec.structs.replace(retried, status="IN_PROGRESS", started_at=fact.at)
         elif record.type == "SUB_WORKFLOW":
@@ -610,10 +703,23 @@ def _schedule(
     if isinstance(task, WaitTask):
         draft.record(ref, task, status="IN_PROGRESS", input=data)
         return
-    record = draft.record(ref, task, status="SCHEDULED", input=data)
+    record = draft.record(
+        ref,
+        task,
+        status="SCHEDULED",
+        input=data,
+        timeout_at=_deadline(draft.at, getattr(task, "timeout_s", None)),
+    )
     if isinstance(task, SubWorkflowTask):
         child = child_workflow_id(draft.state.workflow_id, ref, record.attempt)
         draft.put(msgspec.structs.replace(record, child=child))
+
+
+def _deadline(at: str, seconds: float | None) -> str | None:
+    """``at`` plus ``seconds``, or None when there is no timeout."""
+    if seconds is None:
+        return None
+    return utc_text(_parse(at) + datetime.timedelta(seconds=seconds))
 
 
 def _fork(draft: _Draft, ref: str, task: ForkTask) -> None:

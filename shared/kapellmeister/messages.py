@@ -22,6 +22,8 @@ import msgspec
 from kapellmeister.expressions import Json
 
 __all__ = [
+    "WorkflowTimedOut",
+    "TaskTimedOut",
     "RetryRequested",
     "RetryDue",
     "Attempt",
@@ -147,6 +149,8 @@ class TaskRecord(msgspec.Struct, frozen=True, kw_only=True):
     branches_done: list[int] | None = None
     # When this attempt is a retry waiting for its backoff, when that ends.
     retry_at: str | None = None
+    # When this attempt times out (the task's timeout_s from its dispatch).
+    timeout_at: str | None = None
     # The attempts before this one, oldest first.
     history: list[Attempt] = []
 
@@ -177,6 +181,8 @@ class Saga(msgspec.Struct, frozen=True, kw_only=True):
     variables: dict[str, Json] = {}
     tasks: tuple[TaskRecord, ...] = ()
     parent: ParentLink | None = None
+    # When the workflow times out (its definition's timeout_s from its start).
+    timeout_at: str | None = None
     # The id of the last fact applied, and of the fact that ended the workflow.
     last_fact: str = ""
     ended_by: str = ""
@@ -239,6 +245,22 @@ class RetryDue(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     at: str
 
 
+class TaskTimedOut(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Attempt ``attempt`` of ``ref`` ran past its ``timeout_s`` (a timer fired)."""
+
+    workflow_id: str
+    ref: str
+    attempt: int
+    at: str
+
+
+class WorkflowTimedOut(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """The workflow ran past its definition's ``timeout_s`` (a timer fired)."""
+
+    workflow_id: str
+    at: str
+
+
 class RetryRequested(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """``conductor.retry.<workflow_id>``: run the failed task again, keeping its history."""
 
@@ -262,6 +284,8 @@ Fact = (
     | TerminateRequested
     | RetryDue
     | RetryRequested
+    | TaskTimedOut
+    | WorkflowTimedOut
 )
 
 
@@ -299,7 +323,7 @@ class ScheduleTimer(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     ref: str
     attempt: int
     fire_at: str
-    purpose: Literal["delay", "retry"] = "delay"
+    purpose: Literal["delay", "retry", "timeout", "workflow_timeout"] = "delay"
 
 
 class StartWorkflow(msgspec.Struct, frozen=True, kw_only=True, tag=True):

@@ -144,3 +144,70 @@ async def test_operator_retry_brings_a_failed_workflow_back(nc, js, conductor):
     assert [h["attempt"] for h in state["tasks"][0]["history"]] == [1, 2, 3]
     again = await call(nc, "conductor.retry.r-4")
     assert (again.headers or {}).get("Nats-Service-Error-Code") == "409"
+
+
+class Nap(msgspec.Struct):
+    s: float
+
+
+async def nap(req: Nap) -> Nap:
+    await asyncio.sleep(req.s)
+    return req
+
+
+TIMING = """
+name: timing
+input: {s: float}
+timeout_s: 30
+tasks:
+  - ref: slow
+    type: SIMPLE
+    task: test.nap
+    input: {s: "${workflow.input.s}"}
+    timeout_s: 1
+    timeout_policy: TIME_OUT_WF
+"""
+
+PATIENT = """
+name: patient
+timeout_s: 1
+tasks:
+  - {ref: forever, type: WAIT}
+"""
+
+
+@pytest.fixture
+async def timing(nc, settings):
+    agent = Agent("test", [task("test.nap", nap)], settings)
+    await agent.start(nc)
+    conductor = Conductor(
+        settings, Registry([compile_definition(parse_definition(t)) for t in (TIMING, PATIENT)])
+    )
+    await conductor.start(nc)
+    yield conductor
+    await conductor.stop()
+    await agent.stop()
+
+
+async def test_a_task_past_its_timeout_times_the_workflow_out_and_its_late_result_is_stale(
+    nc, js, timing
+):
+    await call(nc, "conductor.start.timing", {"s": 2.5}, {"Workflow-Id": "t-1"})
+    state = (await wait_finished(js, ["t-1"], timeout=10))["t-1"]
+    assert state["status"] == "TIMED_OUT"
+    assert state["tasks"][0]["status"] == "TIMED_OUT"
+    await asyncio.sleep(2.0)  # the agent's result arrives late...
+    after = body(await call(nc, "conductor.get.t-1"))
+    assert (after["status"], after["tasks"][0]["status"], after["tasks"][0]["output"]) == (
+        "TIMED_OUT",
+        "TIMED_OUT",
+        None,
+    )  # ...and changes nothing
+
+
+async def test_a_workflow_past_its_timeout_is_timed_out(nc, js, timing):
+    await call(nc, "conductor.start.patient", {}, {"Workflow-Id": "t-2"})
+    state = (await wait_finished(js, ["t-2"], timeout=10))["t-2"]
+    assert state["status"] == "TIMED_OUT"
+    assert state["tasks"][0]["status"] == "CANCELED"
+    assert "timeout_s" in state["error"]["message"]

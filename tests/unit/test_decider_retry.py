@@ -18,6 +18,8 @@ from kapellmeister.messages import (
     Started,
     TaskCompleted,
     TaskFailed,
+    TaskTimedOut,
+    WorkflowTimedOut,
 )
 
 T0 = "2026-11-23T10:00:00.000Z"
@@ -165,3 +167,83 @@ def test_operator_retry_of_a_running_workflow_is_refused():
     refused = decide(d, state, RetryRequested(workflow_id="w", at=T0))
     assert refused.state is state
     assert refused.refusal is not None and refused.refusal.code == 409
+
+
+def timed(policy: str, retry: int = 0) -> Definition:
+    return compile_definition(
+        parse_definition(
+            {
+                "name": "r",
+                "timeout_s": 60,
+                "tasks": [
+                    {
+                        "ref": "a",
+                        "type": "SIMPLE",
+                        "task": "t.a",
+                        "timeout_s": 5,
+                        "timeout_policy": policy,
+                        "retry": {"count": retry, "delay_s": 0},
+                    }
+                ],
+            }
+        )
+    )
+
+
+def timed_out(d: Definition, state: Saga | None, attempt: int) -> Decision:
+    return decide(
+        d,
+        state,
+        TaskTimedOut(workflow_id="w", ref="a", attempt=attempt, at="2026-11-23T10:00:05.000Z"),
+    )
+
+
+def test_dispatch_sets_the_task_and_workflow_timers():
+    d = timed("TIME_OUT_WF")
+    first = decide(d, None, Started(workflow_id="w", workflow="r", version=1, input={}, at=T0))
+    timers = {(c.ref, c.purpose, c.fire_at) for c in first.commands if isinstance(c, ScheduleTimer)}
+    assert timers == {
+        ("a", "timeout", "2026-11-23T10:00:05.000Z"),
+        ("workflow", "workflow_timeout", "2026-11-23T10:01:00.000Z"),
+    }
+
+
+def test_time_out_wf_ends_the_workflow_and_a_late_result_is_stale():
+    d = timed("TIME_OUT_WF")
+    ended = timed_out(d, start(d), 1)
+    assert ended.state is not None and ended.state.status == "TIMED_OUT"
+    assert record(ended.state).status == "TIMED_OUT"
+    late = decide(
+        d, ended.state, TaskCompleted(workflow_id="w", ref="a", attempt=1, output=1, at=T0)
+    )
+    assert late.state is ended.state and late.commands == ()
+
+
+def test_retry_policy_runs_a_new_attempt_with_its_own_timeout():
+    d = timed("RETRY", retry=1)
+    retried = timed_out(d, start(d), 1)
+    assert retried.state is not None and retried.state.status == "RUNNING"
+    a = record(retried.state)
+    assert (a.attempt, a.status, a.history[0].status) == (2, "SCHEDULED", "TIMED_OUT")
+    assert {type(c).__name__ for c in retried.commands} == {"RunTask", "ScheduleTimer"}
+    spent = timed_out(d, retried.state, 2)
+    assert spent.state is not None and spent.state.status == "TIMED_OUT"
+
+
+def test_alert_only_keeps_waiting_and_says_so():
+    d = timed("ALERT_ONLY")
+    alerted = timed_out(d, start(d), 1)
+    a = record(alerted.state)
+    assert (a.status, a.error is not None and a.error.type) == ("SCHEDULED", "timed_out")
+    done = decide(
+        d, alerted.state, TaskCompleted(workflow_id="w", ref="a", attempt=1, output=1, at=T0)
+    )
+    assert done.state is not None and done.state.status == "COMPLETED"
+
+
+def test_the_workflow_timeout_cancels_what_waits():
+    d = timed("ALERT_ONLY")
+    ended = decide(d, start(d), WorkflowTimedOut(workflow_id="w", at="2026-11-23T10:01:00.000Z"))
+    assert ended.state is not None and ended.state.status == "TIMED_OUT"
+    assert record(ended.state).status == "CANCELED"
+    assert decide(d, ended.state, WorkflowTimedOut(workflow_id="w", at=T0)).state is ended.state
