@@ -26,6 +26,8 @@ from kapellmeister.errors import BadRequest, Conflict, NotFound, WorkflowNotFoun
 from kapellmeister.messages import (
     Fact,
     ListRequest,
+    PauseRequested,
+    ResumeRequested,
     RetryRequested,
     SignalReceived,
     Started,
@@ -81,6 +83,8 @@ async def serve_api(conductor: Conductor, nc: Client) -> Service:
         ("signal", "conductor.signal.*.*", api.signal),
         ("terminate", "conductor.terminate.*", api.terminate),
         ("retry", "conductor.retry.*", api.retry),
+        ("pause", "conductor.pause.*", api.pause),
+        ("resume", "conductor.resume.*", api.resume),
         ("definitions-register", "conductor.definitions.register", api.register),
         ("definitions-get", "conductor.definitions.get.*", api.definition),
         ("definitions-list", "conductor.definitions.list", api.definitions),
@@ -175,6 +179,16 @@ class _Api:
     async def retry(self, request: Request) -> bytes:
         return await self._request_fact(
             RetryRequested(workflow_id=_workflow_id(request), at=utc_now())
+        )
+
+    async def pause(self, request: Request) -> bytes:
+        return await self._request_fact(
+            PauseRequested(workflow_id=_workflow_id(request), at=utc_now())
+        )
+
+    async def resume(self, request: Request) -> bytes:
+        return await self._request_fact(
+            ResumeRequested(workflow_id=_workflow_id(request), at=utc_now())
         )
 
     async def register(self, request: Request) -> bytes:

@@ -272,6 +272,14 @@ def _retry(args: argparse.Namespace) -> _Call:
     return _Call(f"conductor.retry.{args.workflow_id}", b"")
 
 
+def _pause(args: argparse.Namespace) -> _Call:
+    return _Call(f"conductor.pause.{args.workflow_id}", b"")
+
+
+def _resume(args: argparse.Namespace) -> _Call:
+    return _Call(f"conductor.resume.{args.workflow_id}", b"")
+
+
 def _register(args: argparse.Namespace) -> _Call:
     return _Call("conductor.definitions.register", msgspec.json.encode(_load(Path(args.file))))
 
@@ -421,6 +429,14 @@ def _add_workflow_commands(commands: argparse._SubParsersAction[argparse.Argumen
         _show_saga,
     )
     retry.add_argument("workflow_id")
+    for name, call, what in (
+        ("pause", _pause, "dispatch nothing new"),
+        ("resume", _resume, "go on from where the results got to"),
+    ):
+        command = _client_command(
+            commands, name, f"{what}: conductor.{name}.<id>", call, _show_saga
+        )
+        command.add_argument("workflow_id")
 
 
 def _add_definitions_commands(

@@ -51,8 +51,10 @@ from kapellmeister.messages import (
     Failure,
     NotifyParent,
     ParentLink,
+    PauseRequested,
     PublishEvent,
     Refusal,
+    ResumeRequested,
     RetryDue,
     RetryRequested,
     RunTask,
@@ -119,6 +121,10 @@ def fact_id(fact: Fact) -> str:
             return f"{ref}#{attempt}:timeout"
         case WorkflowTimedOut():
             return "workflow:timeout"
+        case PauseRequested(at=at):
+            return f"pause@{at}"
+        case ResumeRequested(at=at):
+            return f"resume@{at}"
 
 
 def task_msg_id(workflow_id: str, ref: str, attempt: int) -> str:
@@ -148,22 +154,36 @@ def decide(definition: Definition, state: Saga | None, fact: Fact) -> Decision:
             return _start(definition, fact)
     if state is None:
         return Decision(None, ())
+    return _on_fact(definition, state, fact)
+
+
+def _on_fact(definition: Definition, state: Saga, fact: Fact) -> Decision:
     match fact:
         case TaskCompleted() | TaskFailed():
             return _task_ended(definition, state, fact)
         case SignalReceived():
             return _signal(definition, state, fact)
-        case TerminateRequested():
-            return _terminate(definition, state, fact)
         case RetryDue():
             return _retry_due(definition, state, fact)
-        case RetryRequested():
-            return _retry_requested(definition, state, fact)
         case TaskTimedOut():
             return _task_timed_out(definition, state, fact)
         case WorkflowTimedOut():
             return _workflow_timed_out(definition, state, fact)
-    return Decision(state, ())  # pragma: no cover - every fact type is matched above
+    return _on_request(definition, state, fact)
+
+
+def _on_request(definition: Definition, state: Saga, fact: Fact) -> Decision:
+    """The operator's facts: terminate, retry, pause, resume."""
+    match fact:
+        case TerminateRequested():
+            return _terminate(definition, state, fact)
+        case RetryRequested():
+            return _retry_requested(definition, state, fact)
+        case PauseRequested():
+            return _pause(definition, state, fact)
+        case ResumeRequested():
+            return _resume(definition, state, fact)
+    return Decision(state, ())  # pragma: no cover - every fact type is matched
 
 
 def commands_caused_by(definition: Definition, state: Saga, cause: str) -> tuple[Command, ...]:
@@ -274,6 +294,7 @@ class _Draft:
         self.output: Json = state.output
         self.error = state.error
         self.ended_by = state.ended_by
+        self.deferred = list(state.deferred)
         self._context: dict[str, Json] | None = None
 
     @property
@@ -350,6 +371,7 @@ class _Draft:
             updated_at=max(self.state.updated_at, self.at),
             last_fact=self.cause,
             ended_by=self.ended_by,
+            deferred=self.deferred,
         )
 
 
@@ -549,6 +571,43 @@ def _workflow_timed_out(definition: Definition, state: Saga, fact: WorkflowTimed
         None,
         Failure(type="timed_out", message=f"workflow ran past its timeout_s ({seconds} s)"),
     )
+    return _decided(definition, draft)
+
+
+def _pause(definition: Definition, state: Saga, fact: PauseRequested) -> Decision:
+    if state.status != "RUNNING":
+        return Decision(
+            state,
+            (),
+            Refusal(
+                409,
+                f"workflow {state.workflow_id} is {state.status}: only a running one can be paused",
+            ),
+        )
+    draft = _Draft(definition, state, fact.at, fact_id(fact))
+    draft.status = "PAUSED"
+    return _decided(definition, draft)
+
+
+def _resume(definition: Definition, state: Saga, fact: ResumeRequested) -> Decision:
+    """Go on from every task that finished while paused, and dispatch the retries now due."""
+    if state.status != "PAUSED":
+        return Decision(
+            state,
+            (),
+            Refusal(
+                409,
+                f"workflow {state.workflow_id} is {state.status}: only a paused one can be resumed",
+            ),
+        )
+    draft = _Draft(definition, state, fact.at, fact_id(fact))
+    draft.status = "RUNNING"
+    for record in list(draft.tasks.values()):
+        if record.retry_at is not None and record.retry_at <= fact.at:
+            draft.put(msgspec.structs.replace(record, retry_at=None, cause=draft.cause))
+    deferred, draft.deferred = draft.deferred, []
+    for ref in deferred:
+        _finish_task(draft, ref)
     return _decided(definition, draft)
 
 
@@ -756,7 +815,10 @@ def _fail(draft: _Draft, ref: str, message: str) -> None:
 
 
 def _finish_task(draft: _Draft, ref: str) -> None:
-    """Task ``ref`` is done: go where its `After` says."""
+    """Task ``ref`` is done: go where its `After` says (at resume, if paused)."""
+    if draft.status == "PAUSED":
+        draft.deferred.append(ref)
+        return
     if not draft.running:
         return
     if match := _INSTANCE.match(ref):

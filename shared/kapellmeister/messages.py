@@ -22,6 +22,8 @@ import msgspec
 from kapellmeister.expressions import Json
 
 __all__ = [
+    "ResumeRequested",
+    "PauseRequested",
     "WorkflowTimedOut",
     "TaskTimedOut",
     "RetryRequested",
@@ -183,6 +185,8 @@ class Saga(msgspec.Struct, frozen=True, kw_only=True):
     parent: ParentLink | None = None
     # When the workflow times out (its definition's timeout_s from its start).
     timeout_at: str | None = None
+    # Tasks that finished while the workflow was PAUSED: where to go on from at resume.
+    deferred: list[str] = []
     # The id of the last fact applied, and of the fact that ended the workflow.
     last_fact: str = ""
     ended_by: str = ""
@@ -261,6 +265,20 @@ class WorkflowTimedOut(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     at: str
 
 
+class PauseRequested(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """``conductor.pause.<workflow_id>``: dispatch nothing new; record what arrives."""
+
+    workflow_id: str
+    at: str
+
+
+class ResumeRequested(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """``conductor.resume.<workflow_id>``: go on from where the results got to."""
+
+    workflow_id: str
+    at: str
+
+
 class RetryRequested(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """``conductor.retry.<workflow_id>``: run the failed task again, keeping its history."""
 
@@ -286,6 +304,8 @@ Fact = (
     | RetryRequested
     | TaskTimedOut
     | WorkflowTimedOut
+    | PauseRequested
+    | ResumeRequested
 )
 
 

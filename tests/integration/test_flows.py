@@ -188,3 +188,18 @@ async def test_a_child_that_cannot_start_fails_its_task(nc, js, settings, agents
 
 def test_registry_fixture_still_has_plan_day():
     assert "approval" in registry().names()
+
+
+async def test_pause_holds_dispatch_and_resume_goes_on(nc, js, conductor):
+    await start(nc, "approval", {"money": 7}, "pay-p")
+    paused = body(await call(nc, "conductor.pause.pay-p"))
+    assert paused["status"] == "PAUSED"
+    assert_error(await call(nc, "conductor.pause.pay-p"), 409)
+    # A signal while paused is recorded, and nothing after it starts.
+    held = body(await signal(nc, "pay-p", "approval_1", {"status": "ok", "approver": "kim"}))
+    assert held["status"] == "PAUSED"
+    assert [(t["ref"], t["status"]) for t in held["tasks"]] == [("approval_1", "COMPLETED")]
+    resumed = body(await call(nc, "conductor.resume.pay-p"))
+    assert resumed["status"] == "RUNNING"
+    assert [(t["ref"], t["status"]) for t in resumed["tasks"]][-1] == ("approval_2", "IN_PROGRESS")
+    assert_error(await call(nc, "conductor.resume.pay-p"), 409)

@@ -10,6 +10,8 @@ from kapellmeister.decider import Decision, decide
 from kapellmeister.definitions import Definition, compile_definition, parse_definition
 from kapellmeister.messages import (
     Failure,
+    PauseRequested,
+    ResumeRequested,
     RetryDue,
     RetryRequested,
     RunTask,
@@ -247,3 +249,61 @@ def test_the_workflow_timeout_cancels_what_waits():
     assert ended.state is not None and ended.state.status == "TIMED_OUT"
     assert record(ended.state).status == "CANCELED"
     assert decide(d, ended.state, WorkflowTimedOut(workflow_id="w", at=T0)).state is ended.state
+
+
+SEQ = compile_definition(
+    parse_definition(
+        {
+            "name": "r",
+            "tasks": [
+                {"ref": "a", "type": "SIMPLE", "task": "t.a"},
+                {"ref": "b", "type": "SIMPLE", "task": "t.b", "input": {"x": "${a.output}"}},
+            ],
+        }
+    )
+)
+
+
+def test_a_paused_workflow_records_results_but_dispatches_nothing_until_resumed():
+    state = decide(
+        SEQ, None, Started(workflow_id="w", workflow="r", version=1, input={}, at=T0)
+    ).state
+    paused = decide(SEQ, state, PauseRequested(workflow_id="w", at=T0))
+    assert paused.state is not None and paused.state.status == "PAUSED"
+    arrived = decide(
+        SEQ, paused.state, TaskCompleted(workflow_id="w", ref="a", attempt=1, output=5, at=T0)
+    )
+    assert arrived.commands == ()
+    assert arrived.state is not None and arrived.state.tasks[0].status == "COMPLETED"
+    assert arrived.state.deferred == ["a"]
+    resumed = decide(SEQ, arrived.state, ResumeRequested(workflow_id="w", at=T0))
+    assert resumed.state is not None and (resumed.state.status, resumed.state.deferred) == (
+        "RUNNING",
+        [],
+    )
+    assert [(c.ref, c.input) for c in resumed.commands if isinstance(c, RunTask)] == [
+        ("b", {"x": 5})
+    ]
+
+
+def test_pause_and_resume_refuse_the_wrong_status():
+    state = decide(
+        SEQ, None, Started(workflow_id="w", workflow="r", version=1, input={}, at=T0)
+    ).state
+    refused = decide(SEQ, state, ResumeRequested(workflow_id="w", at=T0))
+    assert refused.refusal is not None and refused.refusal.code == 409
+    paused = decide(SEQ, state, PauseRequested(workflow_id="w", at=T0)).state
+    again = decide(SEQ, paused, PauseRequested(workflow_id="w", at=T0))
+    assert again.refusal is not None and again.refusal.code == 409
+
+
+def test_a_retry_due_while_paused_is_dispatched_at_resume():
+    d = flow({"count": 1, "delay_s": 1})
+    failed = fail(d, start(d), 1).state
+    paused = decide(d, failed, PauseRequested(workflow_id="w", at=T0)).state
+    due = decide(
+        d, paused, RetryDue(workflow_id="w", ref="a", attempt=2, at="2026-11-23T10:00:01.000Z")
+    )
+    assert due.commands == ()
+    resumed = decide(d, due.state, ResumeRequested(workflow_id="w", at="2026-11-23T10:00:09.000Z"))
+    assert [(c.ref, c.attempt) for c in resumed.commands if isinstance(c, RunTask)] == [("a", 2)]
