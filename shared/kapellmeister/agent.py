@@ -48,7 +48,7 @@ from opentelemetry.trace import SpanKind
 from kapellmeister import tracing
 from kapellmeister.config import Settings
 from kapellmeister.consumer import PullWorker
-from kapellmeister.deadletter import dead_letter
+from kapellmeister.deadletter import dead_letter, record_dead_letter
 from kapellmeister.definitions import RetryPolicy
 from kapellmeister.errors import BadRequest, TaskError
 from kapellmeister.messages import Failure, Json, TaskRequest, TaskResult
@@ -296,7 +296,19 @@ class Agent:
         deliveries = msg.metadata.num_delivered
         if _terminal(exc) or deliveries >= self.settings.max_deliver:
             if not _terminal(exc):
-                log.error("%s gave up after %d deliveries: %r", spec.name, deliveries, exc)
+                # A poison message: keep it, with why, and fail the task instead of hanging.
+                assert self._js is not None
+                meta = msg.metadata
+                await record_dead_letter(
+                    self._js,
+                    self.name,
+                    f"gave up after {deliveries} deliveries: {exc!r}",
+                    stream=meta.stream,
+                    subject=msg.subject,
+                    sequence=meta.sequence.stream,
+                    headers=dict(msg.headers or {}),
+                    data=msg.data,
+                )
             return False
         delay = (
             getattr(exc, "retry_after", None) or _BACKOFF_S[min(deliveries, len(_BACKOFF_S)) - 1]

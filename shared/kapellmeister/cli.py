@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import importlib
 import os
 import sys
@@ -23,9 +24,11 @@ import nats
 import nats.errors
 import yaml
 from nats.aio.client import Client
-from nats.js.errors import BucketNotFoundError, NoKeysError
+from nats.js.errors import BucketNotFoundError, NoKeysError, NotFoundError
 
 from kapellmeister.config import Settings
+from kapellmeister.deadletter import DeadLetter
+from kapellmeister.topology import DEADLETTERS
 
 __all__ = ["main", "request"]
 
@@ -325,6 +328,66 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(Settings.from_env(), embedded="NATS_URL" not in os.environ)
 
 
+async def _dead_letters(settings: Settings) -> list[tuple[int, DeadLetter]]:
+    """Every record in the DEADLETTERS stream, oldest first, with its sequence."""
+    nc = await _connect(settings)
+    try:
+        js = nc.jetstream()
+        try:
+            info = await js.stream_info(DEADLETTERS)
+        except NotFoundError:
+            return []
+        found: list[tuple[int, DeadLetter]] = []
+        seq = info.state.first_seq
+        while seq <= info.state.last_seq:
+            try:
+                msg = await js.get_msg(DEADLETTERS, seq=seq, next=True, subject="deadletter.>")
+            except NotFoundError:
+                break
+            found.append((msg.seq or seq, msgspec.json.decode(msg.data or b"", type=DeadLetter)))
+            seq = (msg.seq or seq) + 1
+        return found
+    finally:
+        await nc.drain()
+
+
+def _dlq(args: argparse.Namespace) -> None:
+    settings = Settings.from_env()
+    letters = asyncio.run(_dead_letters(settings))
+    if args.dlq_command == "list":
+        if args.json:
+            print(
+                msgspec.json.encode(
+                    [{"seq": seq, **msgspec.to_builtins(d)} for seq, d in letters]
+                ).decode()
+            )
+            return
+        rows = [("seq", "at", "service", "subject", "reason")]
+        rows += [(str(seq), d.at, d.service, d.subject, _cut(d.reason)) for seq, d in letters]
+        print("\n".join(_table(rows)))
+        return
+    chosen = [d for seq, d in letters if seq == args.seq]
+    if not chosen:
+        print(f"no dead letter with sequence {args.seq}", file=sys.stderr)
+        raise SystemExit(1)
+    asyncio.run(_replay(settings, args.seq, chosen[0]))
+
+
+async def _replay(settings: Settings, seq: int, letter: DeadLetter) -> None:
+    """Publish a dead letter's original message again, to where it was going."""
+    nc = await _connect(settings)
+    try:
+        headers = dict(letter.headers)
+        # A new message id, or JetStream would drop the replay as the original's duplicate.
+        headers["Nats-Msg-Id"] = f"{headers.get('Nats-Msg-Id', 'dlq')}:replay:{seq}"
+        ack = await nc.jetstream().publish(
+            letter.subject, base64.b64decode(letter.data_base64), headers=headers
+        )
+        print(f"replayed dead letter {seq} to {letter.subject} ({ack.stream} #{ack.seq})")
+    finally:
+        await nc.drain()
+
+
 async def _registered_tasks(settings: Settings) -> dict[str, Any]:
     """Every entry of the ``tasks`` bucket (what the agents registered), by task name."""
     nc = await _connect(settings)
@@ -487,6 +550,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--json", action="store_true", help='{"problems": [{"path", "message"}]}')
     check.set_defaults(handler=_check)
+    dlq = commands.add_parser("dlq", help="dead letters: list them, replay one")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_list = dlq_commands.add_parser("list", help="every dead letter, oldest first")
+    dlq_list.add_argument("--json", action="store_true", help="the records as JSON")
+    dlq_replay = dlq_commands.add_parser("replay", help="publish a dead letter's message again")
+    dlq_replay.add_argument("seq", type=int, help="its sequence, as `dlq list` shows")
+    dlq.set_defaults(handler=_dlq)
     return parser
 
 

@@ -20,6 +20,7 @@ in a non-terminal workflow updated within the dedupe window.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.micro.service import Service
 from opentelemetry.trace import SpanKind
@@ -36,7 +38,7 @@ from kapellmeister import tracing
 from kapellmeister.api import serve_api
 from kapellmeister.config import Settings
 from kapellmeister.consumer import PullWorker
-from kapellmeister.deadletter import dead_letter
+from kapellmeister.deadletter import dead_letter, record_dead_letter
 from kapellmeister.decider import Decision, commands_caused_by, decide
 from kapellmeister.errors import KapellmeisterError
 from kapellmeister.messages import (
@@ -66,6 +68,7 @@ from kapellmeister.store import CasConflict, SagaStore, Versioned
 from kapellmeister.topology import (
     DEDUPE_WINDOW_S,
     RESULTS,
+    TASKS,
     ensure_buckets,
     ensure_consumer,
     ensure_streams,
@@ -93,6 +96,7 @@ class Conductor:
         self._service: Service | None = None
         self._worker: PullWorker | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._poison: Subscription | None = None
         # What the sweeper re-drove, by workflow: the updated_at it saw. A workflow is
         # re-driven once per state, not at every sweep while a long task runs.
         self._redriven: dict[str, str] = {}
@@ -129,10 +133,20 @@ class Conductor:
         )
         await self._worker.start()
         self._service = await serve_api(self, nc)
+        # JetStream says when a task message ran out of deliveries (its agent kept dying
+        # on it); one replica (a queue group) fails the task instead of letting it hang.
+        self._poison = await nc.subscribe(
+            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{TASKS}.*",
+            queue="conductor",
+            cb=self._on_max_deliveries,
+        )
         self._sweeper = asyncio.create_task(self._sweep_forever())
         log.info("conductor: serving %s", ", ".join(self.registry.names()))
 
     async def stop(self) -> None:
+        if self._poison is not None:
+            await self._poison.unsubscribe()
+            self._poison = None
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
@@ -342,6 +356,41 @@ class Conductor:
                 await self.publish(decision.state, decision.commands, trace)
         await msg.ack()
 
+    async def _on_max_deliveries(self, msg: Msg) -> None:
+        """A task message no agent could finish: dead-letter it and fail its task."""
+        try:
+            advisory = _decode_max_deliveries(msg.data)
+            stored = await self.js.get_msg(TASKS, seq=advisory.stream_seq)
+            request = _decode_task_request(stored.data or b"")
+        except (nats.errors.Error, msgspec.ValidationError, msgspec.DecodeError) as exc:
+            log.warning("max-deliveries advisory not handled: %s", exc)
+            return
+        reason = f"no agent finished it in {advisory.deliveries} deliveries (poison message?)"
+        await record_dead_letter(
+            self.js,
+            "conductor",
+            reason,
+            stream=TASKS,
+            subject=stored.subject or "",
+            sequence=advisory.stream_seq,
+            headers=dict(stored.headers or {}),
+            data=stored.data or b"",
+        )
+        failure = Failure(type="poison", message=reason, retryable=False, task=request.task)
+        result = TaskResult(
+            workflow_id=request.workflow_id,
+            ref=request.ref,
+            attempt=request.attempt,
+            status="FAILED",
+            error=failure,
+        )
+        msg_id = f"{request.workflow_id}:{request.ref}:{request.attempt}:poison"
+        await self.js.publish(
+            f"results.{request.workflow_id}", _encode(result), headers={"Nats-Msg-Id": msg_id}
+        )
+        with contextlib.suppress(nats.errors.Error):
+            await self.js.delete_msg(TASKS, advisory.stream_seq)
+
     # --- the sweeper ----------------------------------------------------------------------------
 
     async def sweep(self) -> int:
@@ -397,6 +446,17 @@ class Conductor:
             except (TimeoutError, nats.errors.Error) as exc:
                 log.warning("sweep failed: %s", exc)
             await asyncio.sleep(self.settings.sweep_interval_s)
+
+
+class _MaxDeliveries(msgspec.Struct, frozen=True):
+    """The part of JetStream's max-deliveries advisory we read."""
+
+    stream_seq: int
+    deliveries: int = 0
+
+
+_decode_max_deliveries = msgspec.json.Decoder(_MaxDeliveries).decode
+_decode_task_request = msgspec.json.Decoder(TaskRequest).decode
 
 
 class _SweepHead(msgspec.Struct, frozen=True):

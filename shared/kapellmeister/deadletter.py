@@ -19,7 +19,7 @@ from nats.js import JetStreamContext
 
 from kapellmeister.runtime import utc_now
 
-__all__ = ["DeadLetter", "dead_letter"]
+__all__ = ["DeadLetter", "dead_letter", "record_dead_letter"]
 
 log = logging.getLogger("kapellmeister.deadletter")
 _encode = msgspec.json.Encoder().encode
@@ -38,25 +38,53 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     at: str
 
 
-async def dead_letter(js: JetStreamContext, msg: Msg, service: str, reason: str) -> None:
-    """Record ``msg`` as a dead letter, then terminate it (no more redeliveries)."""
-    meta = msg.metadata
+async def record_dead_letter(
+    js: JetStreamContext,
+    service: str,
+    reason: str,
+    *,
+    stream: str,
+    subject: str,
+    sequence: int,
+    headers: dict[str, str],
+    data: bytes,
+) -> bool:
+    """Publish a dead-letter record; False if it could not be stored."""
     record = DeadLetter(
         service=service,
         reason=reason,
+        stream=stream,
+        subject=subject,
+        sequence=sequence,
+        headers=headers,
+        data_base64=base64.b64encode(data).decode(),
+        at=utc_now(),
+    )
+    msg_id = f"dlq:{stream}:{sequence}"
+    log.error("dead letter %s from %s: %s", msg_id, subject, reason)
+    try:
+        await js.publish(f"deadletter.{service}", _encode(record), headers={"Nats-Msg-Id": msg_id})
+    except (TimeoutError, nats.errors.Error) as exc:
+        log.warning("dead letter %s not recorded (%s)", msg_id, exc)
+        return False
+    return True
+
+
+async def dead_letter(js: JetStreamContext, msg: Msg, service: str, reason: str) -> None:
+    """Record ``msg`` as a dead letter, then terminate it (no more redeliveries).
+
+    If the record cannot be stored the message is left unacked: it comes back and is
+    recorded then.
+    """
+    meta = msg.metadata
+    if await record_dead_letter(
+        js,
+        service,
+        reason,
         stream=meta.stream,
         subject=msg.subject,
         sequence=meta.sequence.stream,
         headers=dict(msg.headers or {}),
-        data_base64=base64.b64encode(msg.data).decode(),
-        at=utc_now(),
-    )
-    msg_id = f"dlq:{meta.stream}:{meta.sequence.stream}"
-    log.error("dead letter %s from %s: %s", msg_id, msg.subject, reason)
-    try:
-        await js.publish(f"deadletter.{service}", _encode(record), headers={"Nats-Msg-Id": msg_id})
-    except (TimeoutError, nats.errors.Error) as exc:
-        # Not recorded: leave it unacked so it comes back and is recorded then.
-        log.warning("dead letter %s not recorded (%s); will retry on redelivery", msg_id, exc)
-        return
-    await msg.term()
+        data=msg.data,
+    ):
+        await msg.term()

@@ -6,12 +6,14 @@ and what it prints: readable text by default, the reply itself with ``--json``.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats.errors
@@ -227,3 +229,37 @@ async def test_register_get_and_list_definitions(nats_url, nc, conductor, tmp_pa
     table = run("definitions", "list").stdout.splitlines()
     assert table[0].split() == ["name", "latest", "versions", "description"]
     assert any(line.split()[:3] == ["approval", "v2", "1,2"] for line in table[1:]), table
+
+
+async def test_dead_letters_are_listed_and_replayed(nats_url, js, agents):
+    run = cli(nats_url)
+    await js.publish("tasks.agenda.activity", b"not a task", headers={"Nats-Msg-Id": "junk-1"})
+    letters: list[Any] = []
+    for _ in range(100):
+        listed = run("dlq", "list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        letters = _json(listed.stdout)
+        if letters:
+            break
+        await asyncio.sleep(0.1)
+    [letter] = letters
+    assert (letter["service"], letter["subject"]) == ("agenda", "tasks.agenda.activity")
+    assert letter["reason"].startswith("not a task request")
+    table = run("dlq", "list")
+    assert "tasks.agenda.activity" in table.stdout
+    replayed = run("dlq", "replay", str(letter["seq"]))
+    assert replayed.returncode == 0, replayed.stderr
+    assert replayed.stdout.startswith(
+        f"replayed dead letter {letter['seq']} to tasks.agenda.activity"
+    )
+    for _ in range(100):  # still not a task: it comes back as a second dead letter
+        letters = _json(run("dlq", "list", "--json").stdout)
+        if len(letters) == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert [d["headers"]["Nats-Msg-Id"] for d in letters] == [
+        "junk-1",
+        f"junk-1:replay:{letter['seq']}",
+    ]
+    missing = run("dlq", "replay", "999")
+    assert missing.returncode == 1

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 
 import msgspec
+import nats.errors
 import pytest
 
 from kapellmeister.agent import Agent, task
@@ -13,7 +15,8 @@ from kapellmeister.conductor import Conductor
 from kapellmeister.definitions import compile_definition, parse_definition
 from kapellmeister.errors import TaskError
 from kapellmeister.registry import Registry
-from tests.support import body, call, wait_finished
+from kapellmeister.topology import ensure_consumer
+from tests.support import body, call, dead_letters, wait_finished
 
 
 class Job(msgspec.Struct):
@@ -211,3 +214,52 @@ async def test_a_workflow_past_its_timeout_is_timed_out(nc, js, timing):
     assert state["status"] == "TIMED_OUT"
     assert state["tasks"][0]["status"] == "CANCELED"
     assert "timeout_s" in state["error"]["message"]
+
+
+DEAD = """
+name: dead
+tasks:
+  - {ref: doomed, type: SIMPLE, task: test.dead}
+"""
+
+
+async def test_a_task_whose_agent_keeps_dying_fails_its_workflow_and_is_dead_lettered(
+    nc, js, settings
+):
+    conductor = Conductor(settings, Registry([compile_definition(parse_definition(DEAD))]))
+    await conductor.start(nc)
+    try:
+        # A "dead agent": it takes the task twice and never answers, as a process that
+        # crashes on the message would.
+        durable = await ensure_consumer(
+            js, "TASKS", "tasks.test.dead", ack_wait_s=0.5, max_deliver=2
+        )
+        sub = await js.pull_subscribe_bind(durable=durable, stream="TASKS")
+        await call(nc, "conductor.start.dead", {}, {"Workflow-Id": "d-1"})
+        for _ in range(2):
+            [taken] = await sub.fetch(1, timeout=5)
+            assert taken.metadata.num_delivered in (1, 2)
+        # The next agent asking for work is when JetStream finds the deliveries spent.
+        with contextlib.suppress(nats.errors.TimeoutError):
+            await sub.fetch(1, timeout=2)
+        await sub.unsubscribe()
+        state = (await wait_finished(js, ["d-1"], timeout=15))["d-1"]
+        [letter] = await dead_letters(js, "deadletter.conductor")
+    finally:
+        await conductor.stop()
+    assert state["status"] == "FAILED"
+    assert state["tasks"][0]["error"]["type"] == "poison"
+    assert letter["subject"] == "tasks.test.dead"
+    assert "2 deliveries" in letter["reason"]
+    assert (await js.stream_info("TASKS")).state.messages == 0
+
+
+async def test_an_agent_that_gives_up_dead_letters_the_task_and_fails_it(nc, js, conductor):
+    FAILURES["left"] = 100  # more than the policy's retries, each a single delivery
+    await call(nc, "conductor.start.retrying", {"n": 1}, {"Workflow-Id": "r-9"})
+    state = (await wait_finished(js, ["r-9"], timeout=20))["r-9"]
+    letters = await dead_letters(js, "deadletter.test")
+    FAILURES["left"] = 0
+    assert state["status"] == "FAILED"
+    assert len(letters) == 3  # one per attempt: attempt 1 and its two retries
+    assert all(letter["reason"].startswith("gave up after 1 deliveries") for letter in letters)
