@@ -52,9 +52,13 @@ _decode_list = msgspec.json.Decoder(ListRequest).decode
 
 
 class TerminateRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """``conductor.terminate.<id>``: an optional reason, kept in the saga's error."""
+    """``conductor.terminate.<id>``: an optional reason, kept in the saga's error.
+
+    ``compensate``: run the compensations of the completed tasks before ending.
+    """
 
     reason: str = ""
+    compensate: bool = False
 
 
 _decode_terminate = msgspec.json.Decoder(TerminateRequest).decode
@@ -173,7 +177,12 @@ class _Api:
     async def terminate(self, request: Request) -> bytes:
         body = _decode_terminate(request.data or b"{}")
         return await self._request_fact(
-            TerminateRequested(workflow_id=_workflow_id(request), reason=body.reason, at=utc_now())
+            TerminateRequested(
+                workflow_id=_workflow_id(request),
+                reason=body.reason,
+                compensate=body.compensate,
+                at=utc_now(),
+            )
         )
 
     async def retry(self, request: Request) -> bytes:

@@ -151,6 +151,9 @@ def _walk_before(
                     _walk_before(branch, seen, out)
                 if each is not None:
                     out[each.ref] = seen
+            case SimpleTask(compensate=compensate) if compensate is not None:
+                # A compensation runs after its task completed, on the way out.
+                out[compensate.ref] = seen | {task.ref}
         seen = seen | frozenset(_inside(task))
 
 

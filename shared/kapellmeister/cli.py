@@ -267,7 +267,9 @@ def _signal(args: argparse.Namespace) -> _Call:
 
 
 def _terminate(args: argparse.Namespace) -> _Call:
-    body = {} if args.reason is None else {"reason": args.reason}
+    body: dict[str, Any] = {} if args.reason is None else {"reason": args.reason}
+    if args.compensate:
+        body["compensate"] = True
     return _Call(f"conductor.terminate.{args.workflow_id}", msgspec.json.encode(body))
 
 
@@ -484,6 +486,9 @@ def _add_workflow_commands(commands: argparse._SubParsersAction[argparse.Argumen
     )
     terminate.add_argument("workflow_id")
     terminate.add_argument("--reason")
+    terminate.add_argument(
+        "--compensate", action="store_true", help="undo the completed tasks before ending"
+    )
     retry = _client_command(
         commands,
         "retry",

@@ -304,6 +304,9 @@ class Conductor:
             definition = await self.definitions.get(command.workflow, command.version)
             definition.validate_input(command.input)
         except KapellmeisterError as exc:
+            if parent is None:  # a failure workflow: nobody waits for it
+                log.error("failure workflow %s not started: %s", command.workflow, exc.message)
+                return
             # The child cannot start: fail the SUB_WORKFLOW task rather than hang it.
             failure = Failure(type=exc.code, message=exc.message, code=exc.status)
             result = TaskResult(

@@ -47,6 +47,7 @@ from kapellmeister.messages import (
     TERMINAL,
     Attempt,
     Command,
+    Compensating,
     Fact,
     Failure,
     NotifyParent,
@@ -202,6 +203,25 @@ def commands_caused_by(definition: Definition, state: Saga, cause: str) -> tuple
             commands.append(_timer(state, record.ref, record.attempt, record.timeout_at, "timeout"))
     if cause == START and state.timeout_at is not None:
         commands.append(_timer(state, "workflow", 1, state.timeout_at, "workflow_timeout"))
+    failure = definition.spec.failure
+    if failure and state.ended_by == cause and state.status in {"FAILED", "TIMED_OUT"}:
+        commands.append(
+            StartWorkflow(
+                msg_id=f"{state.workflow_id}:failure",
+                workflow_id=f"{state.workflow_id}-failure",
+                workflow=failure,
+                version=None,
+                input={
+                    "workflow_id": state.workflow_id,
+                    "workflow": state.workflow,
+                    "status": state.status,
+                    "error": msgspec.to_builtins(state.error),
+                    "input": state.input,
+                },
+                tenant=state.tenant,
+                parent=None,
+            )
+        )
     if state.parent is not None and state.ended_by == cause and state.status in TERMINAL:
         commands.append(
             NotifyParent(
@@ -295,6 +315,7 @@ class _Draft:
         self.error = state.error
         self.ended_by = state.ended_by
         self.deferred = list(state.deferred)
+        self.compensating = state.compensating
         self._context: dict[str, Json] | None = None
 
     @property
@@ -354,6 +375,9 @@ class _Draft:
     def finish(self, status: WorkflowStatus, output: Json, error: Failure | None = None) -> None:
         """End the workflow; whatever was still waiting is CANCELED."""
         self.status, self.output, self.error, self.ended_by = status, output, error, self.cause
+        self.cancel_waiting()
+
+    def cancel_waiting(self) -> None:
         for record in list(self.tasks.values()):
             if record.status in _WAITING:
                 self.put(msgspec.structs.replace(record, status="CANCELED", ended_at=self.at))
@@ -372,6 +396,7 @@ class _Draft:
             last_fact=self.cause,
             ended_by=self.ended_by,
             deferred=self.deferred,
+            compensating=self.compensating,
         )
 
 
@@ -458,11 +483,14 @@ def _task_ended(definition: Definition, state: Saga, fact: TaskCompleted | TaskF
             elif getattr(node.task, "optional", False):
                 draft.put(failed)
                 _finish_task(draft, fact.ref)
+            elif node.after.kind == "compensation":
+                draft.put(failed)
+                _compensation_failed(draft, fact.ref, error)
             else:
                 draft.put(failed)
                 message = f"task {fact.ref!r} failed: {error.message}"
-                draft.finish(
-                    "FAILED", None, Failure(type="task_failed", message=message, task=fact.ref)
+                _fail_workflow(
+                    draft, "FAILED", Failure(type="task_failed", message=message, task=fact.ref)
                 )
     return _decided(definition, draft)
 
@@ -557,7 +585,7 @@ def _task_timed_out(definition: Definition, state: Saga, fact: TaskTimedOut) -> 
         )
     else:
         draft.put(timed_out)
-        draft.finish("TIMED_OUT", None, error)
+        _fail_workflow(draft, "TIMED_OUT", error)
     return _decided(definition, draft)
 
 
@@ -566,11 +594,11 @@ def _workflow_timed_out(definition: Definition, state: Saga, fact: WorkflowTimed
         return Decision(state, ())
     draft = _Draft(definition, state, fact.at, fact_id(fact))
     seconds = definition.spec.timeout_s
-    draft.finish(
-        "TIMED_OUT",
-        None,
-        Failure(type="timed_out", message=f"workflow ran past its timeout_s ({seconds} s)"),
-    )
+    error = Failure(type="timed_out", message=f"workflow ran past its timeout_s ({seconds} s)")
+    if state.compensating is not None:
+        draft.finish(state.compensating.status, None, error)  # out of time even to undo
+    else:
+        _fail_workflow(draft, "TIMED_OUT", error)
     return _decided(definition, draft)
 
 
@@ -678,9 +706,11 @@ def _terminate(definition: Definition, state: Saga, fact: TerminateRequested) ->
     if state.status in TERMINAL:
         return Decision(state, (), Refusal(409, f"workflow {state.workflow_id} is {state.status}"))
     draft = _Draft(definition, state, fact.at, fact_id(fact))
-    draft.finish(
-        "TERMINATED", None, Failure(type="terminated", message=fact.reason or "terminated")
-    )
+    error = Failure(type="terminated", message=fact.reason or "terminated")
+    if fact.compensate and state.compensating is None:
+        _fail_workflow(draft, "TERMINATED", error)
+    else:
+        draft.finish("TERMINATED", None, error)
     return _decided(definition, draft)
 
 
@@ -811,7 +841,62 @@ def _fork(draft: _Draft, ref: str, task: ForkTask) -> None:
 
 
 def _fail(draft: _Draft, ref: str, message: str) -> None:
-    draft.finish("FAILED", None, Failure(type="task_failed", message=message, task=ref))
+    _fail_workflow(draft, "FAILED", Failure(type="task_failed", message=message, task=ref))
+
+
+def _fail_workflow(draft: _Draft, status: WorkflowStatus, error: Failure) -> None:
+    """End the workflow ``status``, after compensating its completed tasks if any can be.
+
+    Compensations run one at a time, the last completed task's first (the saga). While
+    they run the workflow stays RUNNING with ``compensating`` set; nothing else advances.
+    """
+    pending = [
+        node.task.compensate.ref
+        for record in sorted(draft.tasks.values(), key=lambda t: t.ended_at or "", reverse=True)
+        if record.status == "COMPLETED"
+        and (node := node_of(draft.definition, record.ref)) is not None
+        and isinstance(node.task, SimpleTask)
+        and node.task.compensate is not None
+        and node.task.compensate.ref not in draft.tasks
+    ]
+    draft.cancel_waiting()
+    if not pending:
+        draft.finish(status, None, error)
+        return
+    draft.compensating = Compensating(status=status, error=error, pending=pending[1:])
+    _run_compensation(draft, pending[0])
+
+
+def _run_compensation(draft: _Draft, ref: str) -> None:
+    node = draft.definition.nodes[ref]
+    assert isinstance(node.task, SimpleTask)
+    _schedule(draft, ref, node.task, node.templates["input"].evaluate(draft.context()))
+
+
+def _next_compensation(draft: _Draft) -> None:
+    ending = draft.compensating
+    assert ending is not None
+    if ending.pending:
+        draft.compensating = msgspec.structs.replace(ending, pending=ending.pending[1:])
+        _run_compensation(draft, ending.pending[0])
+    else:
+        draft.compensating = None
+        draft.finish(ending.status, None, ending.error)
+
+
+def _compensation_failed(draft: _Draft, ref: str, error: Failure) -> None:
+    ending = draft.compensating
+    original = ending.error.message if ending and ending.error else "the workflow failed"
+    draft.compensating = None
+    draft.finish(
+        "FAILED",
+        None,
+        Failure(
+            type="compensation_failed",
+            task=ref,
+            message=f"compensation {ref!r} failed: {error.message} (after: {original})",
+        ),
+    )
 
 
 def _finish_task(draft: _Draft, ref: str) -> None:
@@ -821,6 +906,8 @@ def _finish_task(draft: _Draft, ref: str) -> None:
         return
     if not draft.running:
         return
+    if draft.compensating is not None and draft.definition.nodes[ref].after.kind != "compensation":
+        return  # a late result of a task that was running when the failure came
     if match := _INSTANCE.match(ref):
         node = draft.definition.nodes[match["ref"]]
         assert node.after.ref is not None
@@ -836,6 +923,8 @@ def _finish_task(draft: _Draft, ref: str) -> None:
             _branch_done(draft, after.ref, after.branch)
         case "end":
             draft.finish("COMPLETED", draft.definition.output.evaluate(draft.context()))
+        case "compensation":
+            _next_compensation(draft)
 
 
 def _branch_done(draft: _Draft, fork_ref: str, branch: int) -> None:

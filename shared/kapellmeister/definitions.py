@@ -93,6 +93,8 @@ class SimpleTask(_Task, tag="SIMPLE", frozen=True):
     response_timeout_s: PositiveSeconds | None = None
     timeout_policy: Literal["RETRY", "TIME_OUT_WF", "ALERT_ONLY"] = "TIME_OUT_WF"
     optional: bool = False
+    # Undoes this task's effect if the workflow fails after it completed (the saga).
+    compensate: SimpleTask | None = None
 
 
 class SwitchTask(_Task, tag="SWITCH", frozen=True):
@@ -197,6 +199,9 @@ class WorkflowDef(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     tasks: Annotated[list[TaskDef], msgspec.Meta(min_length=1)]
     output: dict[str, Json] = {}
     timeout_s: PositiveSeconds | None = None
+    # A workflow started when this one fails or times out (Conductor's failureWorkflow),
+    # with input {"workflow_id", "workflow", "status", "error", "input"}.
+    failure: Name | None = None
 
 
 # Conductor's names for our fields. `name` is Conductor's task-definition name only when
@@ -210,6 +215,7 @@ _ALIASES: Final = {
     "timeoutSeconds": "timeout_s",
     "responseTimeoutSeconds": "response_timeout_s",
     "timeoutPolicy": "timeout_policy",
+    "failureWorkflow": "failure",
     "forkTasks": "branches",
     "joinOn": "join_on",
 }
@@ -317,9 +323,10 @@ class After(msgspec.Struct, frozen=True):
 
     ``next``: run ``ref``. ``branch``: branch ``branch`` of FORK ``ref`` is finished.
     ``instance``: one item of dynamic FORK ``ref`` is finished. ``end``: the workflow is.
+    ``compensation``: the compensation of task ``ref`` is finished.
     """
 
-    kind: Literal["next", "branch", "instance", "end"]
+    kind: Literal["next", "branch", "instance", "end", "compensation"]
     ref: str | None = None
     branch: int = 0
 
@@ -388,6 +395,8 @@ def _link(
                     yield from _link(branch, f"{here}.branches[{b}]", After("branch", task.ref, b))
                 if each is not None:
                     yield each, f"{here}.each", After("instance", task.ref)
+            case SimpleTask(compensate=compensate) if compensate is not None:
+                yield compensate, f"{here}.compensate", After("compensation", task.ref)
 
 
 def _templates(task: TaskDef, path: str) -> dict[str, Compiled]:

@@ -22,6 +22,7 @@ import msgspec
 from kapellmeister.expressions import Json
 
 __all__ = [
+    "Compensating",
     "ResumeRequested",
     "PauseRequested",
     "WorkflowTimedOut",
@@ -165,6 +166,15 @@ class ParentLink(msgspec.Struct, frozen=True, kw_only=True):
     attempt: int
 
 
+class Compensating(msgspec.Struct, frozen=True, kw_only=True):
+    """A failing workflow undoing its completed tasks, last completed first."""
+
+    status: WorkflowStatus
+    error: Failure | None
+    # The compensation task refs still to run, in order.
+    pending: list[str]
+
+
 class Saga(msgspec.Struct, frozen=True, kw_only=True):
     """A workflow's whole state: the value of its key in the ``workflows`` bucket."""
 
@@ -187,6 +197,8 @@ class Saga(msgspec.Struct, frozen=True, kw_only=True):
     timeout_at: str | None = None
     # Tasks that finished while the workflow was PAUSED: where to go on from at resume.
     deferred: list[str] = []
+    # Set while compensations run: how the workflow ends once they have.
+    compensating: Compensating | None = None
     # The id of the last fact applied, and of the fact that ended the workflow.
     last_fact: str = ""
     ended_by: str = ""
@@ -292,6 +304,8 @@ class TerminateRequested(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     workflow_id: str
     reason: str
     at: str
+    # Run the compensations of the completed tasks before ending TERMINATED.
+    compensate: bool = False
 
 
 Fact = (
@@ -355,7 +369,8 @@ class StartWorkflow(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     version: int | None
     input: Json
     tenant: str
-    parent: ParentLink
+    # None for a failure workflow: it reports to nobody.
+    parent: ParentLink | None
 
 
 class NotifyParent(msgspec.Struct, frozen=True, kw_only=True, tag=True):
