@@ -27,6 +27,7 @@ from kapellmeister.messages import (
     Fact,
     ListRequest,
     PauseRequested,
+    RerunRequested,
     ResumeRequested,
     RetryRequested,
     SignalReceived,
@@ -64,6 +65,15 @@ class TerminateRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 _decode_terminate = msgspec.json.Decoder(TerminateRequest).decode
 
 
+class RerunRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``conductor.rerun.<id>``: the task ref to run again from."""
+
+    task: str
+
+
+_decode_rerun = msgspec.json.Decoder(RerunRequest).decode
+
+
 class Registered(msgspec.Struct, frozen=True):
     """The reply to ``conductor.definitions.register``."""
 
@@ -88,6 +98,7 @@ async def serve_api(conductor: Conductor, nc: Client) -> Service:
         ("terminate", "conductor.terminate.*", api.terminate),
         ("retry", "conductor.retry.*", api.retry),
         ("pause", "conductor.pause.*", api.pause),
+        ("rerun", "conductor.rerun.*", api.rerun),
         ("resume", "conductor.resume.*", api.resume),
         ("definitions-register", "conductor.definitions.register", api.register),
         ("definitions-get", "conductor.definitions.get.*", api.definition),
@@ -188,6 +199,12 @@ class _Api:
     async def retry(self, request: Request) -> bytes:
         return await self._request_fact(
             RetryRequested(workflow_id=_workflow_id(request), at=utc_now())
+        )
+
+    async def rerun(self, request: Request) -> bytes:
+        body = _decode_rerun(request.data or b"")
+        return await self._request_fact(
+            RerunRequested(workflow_id=_workflow_id(request), task=body.task, at=utc_now())
         )
 
     async def pause(self, request: Request) -> bytes:

@@ -32,7 +32,6 @@ from kapellmeister.definitions import (
     SimpleTask,
     SubWorkflowTask,
     SwitchTask,
-    TaskDef,
     compile_definition,
     parse_definition,
 )
@@ -67,7 +66,7 @@ def check(
             unknown one; None skips the sub-workflow checks.
     """
     problems: list[Problem] = []
-    before = _ran_before(definition)
+    before = definition.ran_before
     for ref, node in definition.nodes.items():
         problems += _check_expressions(definition, node, before[ref], tasks)
         match node.task:
@@ -102,59 +101,6 @@ def _where(message: str) -> str:
     if "- at `" in message:
         return message.rsplit("- at `", 1)[1].rstrip("`").removeprefix("$.")
     return "definition"
-
-
-# --- which refs can have run before each task ---------------------------------------------
-
-
-def _ran_before(definition: Definition) -> dict[str, frozenset[str]]:
-    """For each task, the refs that may have finished before it starts.
-
-    A task sees everything before it in its sequence (including what ran inside those
-    tasks' branches), what its enclosing sequences had before them, and the SWITCHes
-    that chose its branch; never its own FORK's other branches, nor anything later.
-    """
-    result: dict[str, frozenset[str]] = {}
-    _walk_before(definition.spec.tasks, frozenset(), result)
-    return result
-
-
-def _inside(task: TaskDef) -> Iterator[str]:
-    """Every ref within ``task`` that expressions after it can name, itself included.
-
-    A dynamic FORK's ``each`` is not one of them: its runs are recorded as ``each[0]``,
-    ``each[1]``…, and read through the FORK's output.
-    """
-    yield task.ref
-    match task:
-        case SwitchTask(cases=cases, default=default):
-            for branch in (*cases.values(), default or []):
-                for inner in branch:
-                    yield from _inside(inner)
-        case ForkTask(branches=branches):
-            for branch in branches:
-                for inner in branch:
-                    yield from _inside(inner)
-
-
-def _walk_before(
-    tasks: Sequence[TaskDef], seen: frozenset[str], out: dict[str, frozenset[str]]
-) -> None:
-    for task in tasks:
-        out[task.ref] = seen
-        match task:
-            case SwitchTask(cases=cases, default=default):
-                for branch in (*cases.values(), default or []):
-                    _walk_before(branch, seen | {task.ref}, out)
-            case ForkTask(branches=branches, each=each):
-                for branch in branches:
-                    _walk_before(branch, seen, out)
-                if each is not None:
-                    out[each.ref] = seen
-            case SimpleTask(compensate=compensate) if compensate is not None:
-                # A compensation runs after its task completed, on the way out.
-                out[compensate.ref] = seen | {task.ref}
-        seen = seen | frozenset(_inside(task))
 
 
 # --- expressions ---------------------------------------------------------------------------

@@ -277,6 +277,10 @@ def _retry(args: argparse.Namespace) -> _Call:
     return _Call(f"conductor.retry.{args.workflow_id}", b"")
 
 
+def _rerun(args: argparse.Namespace) -> _Call:
+    return _Call(f"conductor.rerun.{args.workflow_id}", msgspec.json.encode({"task": args.task}))
+
+
 def _pause(args: argparse.Namespace) -> _Call:
     return _Call(f"conductor.pause.{args.workflow_id}", b"")
 
@@ -497,6 +501,15 @@ def _add_workflow_commands(commands: argparse._SubParsersAction[argparse.Argumen
         _show_saga,
     )
     retry.add_argument("workflow_id")
+    rerun = _client_command(
+        commands,
+        "rerun",
+        "run a finished workflow again from a task: conductor.rerun.<id>",
+        _rerun,
+        _show_saga,
+    )
+    rerun.add_argument("workflow_id")
+    rerun.add_argument("task", help="the task ref to run again from (and all downstream)")
     for name, call, what in (
         ("pause", _pause, "dispatch nothing new"),
         ("resume", _resume, "go on from where the results got to"),

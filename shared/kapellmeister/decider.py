@@ -55,6 +55,7 @@ from kapellmeister.messages import (
     PauseRequested,
     PublishEvent,
     Refusal,
+    RerunRequested,
     ResumeRequested,
     RetryDue,
     RetryRequested,
@@ -124,6 +125,8 @@ def fact_id(fact: Fact) -> str:
             return "workflow:timeout"
         case PauseRequested(at=at):
             return f"pause@{at}"
+        case RerunRequested(task=task, at=at):
+            return f"rerun:{task}@{at}"
         case ResumeRequested(at=at):
             return f"resume@{at}"
 
@@ -184,6 +187,8 @@ def _on_request(definition: Definition, state: Saga, fact: Fact) -> Decision:
             return _pause(definition, state, fact)
         case ResumeRequested():
             return _resume(definition, state, fact)
+        case RerunRequested():
+            return _rerun(definition, state, fact)
     return Decision(state, ())  # pragma: no cover - every fact type is matched
 
 
@@ -367,6 +372,8 @@ class _Draft:
             started_at=self.at if status != "SCHEDULED" else None,
             ended_at=self.at if done else None,
             cause=self.cause,
+            # A task run again (a rerun) keeps the history of its earlier runs.
+            history=previous.history if previous is not None else [],
         )
         record = msgspec.structs.replace(record, **fields)
         self.put(record)
@@ -636,6 +643,55 @@ def _resume(definition: Definition, state: Saga, fact: ResumeRequested) -> Decis
     deferred, draft.deferred = draft.deferred, []
     for ref in deferred:
         _finish_task(draft, ref)
+    return _decided(definition, draft)
+
+
+def _rerun(definition: Definition, state: Saga, fact: RerunRequested) -> Decision:
+    """Invalidate ``fact.task`` and all downstream of it, then run again from it."""
+    if fact.task not in definition.nodes:
+        return Decision(state, (), Refusal(404, f"{state.workflow} has no task {fact.task!r}"))
+    if state.status not in TERMINAL:
+        return Decision(
+            state,
+            (),
+            Refusal(
+                409,
+                f"workflow {state.workflow_id} is {state.status}: only a finished one can be rerun",
+            ),
+        )
+    if not any(t.ref == fact.task for t in state.tasks):
+        return Decision(state, (), Refusal(409, f"task {fact.task!r} never ran: nothing to rerun"))
+    draft = _Draft(definition, state, fact.at, fact_id(fact))
+    draft.status, draft.error, draft.output, draft.ended_by = "RUNNING", None, None, ""
+    draft.compensating = None
+    invalid = definition.downstream(fact.task)
+    for record in list(draft.tasks.values()):
+        node = node_of(definition, record.ref)
+        if node is not None and node.task.ref in invalid:
+            # Keep the run in its history and the attempt number, so the next run's
+            # message ids are new; drop the output so nothing downstream reads it.
+            earlier = Attempt(
+                attempt=record.attempt,
+                status=record.status,
+                error=record.error,
+                started_at=record.started_at,
+                ended_at=record.ended_at,
+                worker=record.worker,
+            )
+            draft.put(
+                msgspec.structs.replace(
+                    record,
+                    status="CANCELED",
+                    output=None,
+                    error=None,
+                    ended_at=fact.at,
+                    history=[*record.history, earlier],
+                    branches_done=None,
+                    retry_at=None,
+                    timeout_at=None,
+                )
+            )
+    _run(draft, fact.task)
     return _decided(definition, draft)
 
 

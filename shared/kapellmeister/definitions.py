@@ -359,6 +359,15 @@ class Definition:
         self.first = spec.tasks[0].ref
         self.output = _compile_output(spec)
         self._input_type = _input_struct(spec.name, spec.input)
+        # For each task, the refs that may have finished before it starts.
+        self.ran_before = _ran_before(spec.tasks)
+
+    def downstream(self, ref: str) -> frozenset[str]:
+        """``ref``, what is inside it, and every task that may run after it."""
+        node = self.nodes[ref]
+        return frozenset(
+            {r for r, before in self.ran_before.items() if ref in before} | set(_inside(node.task))
+        )
 
     def validate_input(self, data: Json) -> None:
         """Check a workflow input against the definition's ``input`` schema.
@@ -445,6 +454,59 @@ def _check_shape(task: TaskDef, path: str, previous: TaskDef | None) -> None:
         case JoinTask():
             if not isinstance(previous, ForkTask):
                 raise InvalidDefinition(f"a JOIN must come right after a FORK - at `{path}`")
+
+
+# --- which refs can have run before each task ---------------------------------------------
+
+
+def _ran_before(tasks: Sequence[TaskDef]) -> dict[str, frozenset[str]]:
+    """For each task, the refs that may have finished before it starts.
+
+    A task sees everything before it in its sequence (including what ran inside those
+    tasks' branches), what its enclosing sequences had before them, and the SWITCHes
+    that chose its branch; never its own FORK's other branches, nor anything later.
+    """
+    result: dict[str, frozenset[str]] = {}
+    _walk_before(tasks, frozenset(), result)
+    return result
+
+
+def _inside(task: TaskDef) -> Iterator[str]:
+    """Every ref within ``task`` that expressions after it can name, itself included.
+
+    A dynamic FORK's ``each`` is not one of them: its runs are recorded as ``each[0]``,
+    ``each[1]``…, and read through the FORK's output.
+    """
+    yield task.ref
+    match task:
+        case SwitchTask(cases=cases, default=default):
+            for branch in (*cases.values(), default or []):
+                for inner in branch:
+                    yield from _inside(inner)
+        case ForkTask(branches=branches):
+            for branch in branches:
+                for inner in branch:
+                    yield from _inside(inner)
+
+
+def _walk_before(
+    tasks: Sequence[TaskDef], seen: frozenset[str], out: dict[str, frozenset[str]]
+) -> None:
+    for task in tasks:
+        out[task.ref] = seen
+        match task:
+            case SwitchTask(cases=cases, default=default):
+                for branch in (*cases.values(), default or []):
+                    _walk_before(branch, seen | {task.ref}, out)
+            case ForkTask(branches=branches, each=each):
+                for branch in branches:
+                    _walk_before(branch, seen, out)
+                if each is not None:
+                    out[each.ref] = seen
+            case SimpleTask(compensate=compensate) if compensate is not None:
+                # A compensation runs after its task completed, on the way out.
+                out[compensate.ref] = seen | {task.ref}
+        seen = seen | frozenset(_inside(task))
 
 
 def compile_definition(spec: WorkflowDef) -> Definition:

@@ -22,6 +22,7 @@ import msgspec
 from kapellmeister.expressions import Json
 
 __all__ = [
+    "RerunRequested",
     "Compensating",
     "ResumeRequested",
     "PauseRequested",
@@ -291,6 +292,18 @@ class ResumeRequested(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     at: str
 
 
+class RerunRequested(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """``conductor.rerun.<workflow_id>`` ``{"task": ref}``: run again from ``task``.
+
+    The task and everything downstream of it are invalidated (their earlier runs kept in
+    each task's history); what ran before it keeps its outputs.
+    """
+
+    workflow_id: str
+    task: str
+    at: str
+
+
 class RetryRequested(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """``conductor.retry.<workflow_id>``: run the failed task again, keeping its history."""
 
@@ -320,6 +333,7 @@ Fact = (
     | WorkflowTimedOut
     | PauseRequested
     | ResumeRequested
+    | RerunRequested
 )
 
 

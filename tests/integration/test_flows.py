@@ -203,3 +203,20 @@ async def test_pause_holds_dispatch_and_resume_goes_on(nc, js, conductor):
     assert resumed["status"] == "RUNNING"
     assert [(t["ref"], t["status"]) for t in resumed["tasks"]][-1] == ("approval_2", "IN_PROGRESS")
     assert_error(await call(nc, "conductor.resume.pay-p"), 409)
+
+
+async def test_rerun_a_finished_plan_day_from_its_weather(nc, js, stack):
+    await start(nc, "plan_day", {"user": "ann", "datetime": "2026-11-21T12:00:00"}, "day-r")
+    first = (await wait_finished(js, ["day-r"]))["day-r"]
+    assert first["status"] == "COMPLETED"
+    rerun = body(await call(nc, "conductor.rerun.day-r", {"task": "weather"}))
+    assert rerun["status"] == "RUNNING"
+    again = (await wait_finished(js, ["day-r"]))["day-r"]
+    assert again["status"] == "COMPLETED"
+    assert again["output"] == first["output"]  # the same date: the same weather
+    weather = next(t for t in again["tasks"] if t["ref"] == "weather")
+    agenda = next(t for t in again["tasks"] if t["ref"] == "agenda")
+    assert (weather["attempt"], len(weather["history"])) == (2, 1)
+    assert (agenda["attempt"], agenda["history"]) == (1, [])
+    assert_error(await call(nc, "conductor.rerun.day-r", {"task": "nope"}), 404)
+    assert_error(await call(nc, "conductor.rerun.day-r", {"tsk": "weather"}), 400)

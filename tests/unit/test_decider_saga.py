@@ -8,6 +8,7 @@ from kapellmeister.decider import Decision, decide
 from kapellmeister.definitions import Definition, compile_definition, parse_definition
 from kapellmeister.messages import (
     Failure,
+    RerunRequested,
     RunTask,
     Saga,
     Started,
@@ -152,3 +153,66 @@ def test_nothing_to_undo_fails_at_once():
     )
     assert failed.state is not None and failed.state.status == "FAILED"
     assert [c.workflow for c in failed.commands if isinstance(c, StartWorkflow)] == ["trip_failed"]
+
+
+def plan_day_done() -> tuple[Definition, Saga | None]:
+    from pathlib import Path
+
+    from kapellmeister.definitions import load_definition
+
+    d = load_definition(Path(__file__).parents[2] / "services/conductor/definitions/plan_day.yaml")
+    state = decide(
+        d,
+        None,
+        Started(
+            workflow_id="w",
+            workflow="plan_day",
+            version=1,
+            input={"user": "ann", "datetime": "2026-11-21T12:00:00"},
+            at=T[0],
+        ),
+    ).state
+    state = step(d, state, "agenda", {"activity": "free"}, T[1]).state
+    state = step(d, state, "weather", {"rain": False, "snow": False, "temperature": 9}, T[2]).state
+    assert state is not None and state.output == {"activity": "run"}
+    return d, state
+
+
+def test_rerun_from_a_task_keeps_what_ran_before_and_runs_the_rest_again():
+    d, state = plan_day_done()
+    again = decide(d, state, RerunRequested(workflow_id="w", task="weather", at=T[3]))
+    assert again.refusal is None
+    assert again.state is not None and again.state.status == "RUNNING"
+    assert [(c.ref, c.attempt, c.msg_id) for c in again.commands if isinstance(c, RunTask)] == [
+        ("weather", 2, "w:weather:2")
+    ]
+    records = {t.ref: t for t in again.state.tasks}
+    assert (records["agenda"].status, records["agenda"].output) == (
+        "COMPLETED",
+        {"activity": "free"},
+    )
+    assert {records[r].status for r in ("is_wet", "run", "notify")} == {"CANCELED"}
+    assert records["notify"].history[0].status == "COMPLETED"
+    wet = decide(
+        d,
+        again.state,
+        TaskCompleted(
+            workflow_id="w",
+            ref="weather",
+            attempt=2,
+            output={"rain": True, "snow": False, "temperature": 5},
+            at=T[4],
+        ),
+    )
+    assert wet.state is not None and wet.state.output == {"activity": "code_for_fun"}
+    [event] = [c for c in wet.commands if not isinstance(c, RunTask)]
+    assert event.msg_id == "w:notify:2"  # a new event, not a duplicate of the first run's
+
+
+def test_rerun_refuses_unknown_tasks_and_running_workflows():
+    d, state = plan_day_done()
+    unknown = decide(d, state, RerunRequested(workflow_id="w", task="nope", at=T[3]))
+    assert unknown.refusal is not None and unknown.refusal.code == 404
+    running = decide(d, state, RerunRequested(workflow_id="w", task="weather", at=T[3])).state
+    refused = decide(d, running, RerunRequested(workflow_id="w", task="agenda", at=T[4]))
+    assert refused.refusal is not None and refused.refusal.code == 409
