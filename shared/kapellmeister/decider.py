@@ -430,6 +430,11 @@ def by_request(fact: str) -> bool:
     return bool(fact) and "#" not in fact
 
 
+def _refused(state: Saga, code: int, message: str) -> Decision:
+    """A request that does not fit the workflow as it is: nothing changes."""
+    return Decision(state, (), Refusal(code, message))
+
+
 def _decided(definition: Definition, draft: _Draft) -> Decision:
     new = draft.freeze()
     commands = commands_caused_by(definition, new, draft.cause)
@@ -514,18 +519,23 @@ def _backoff_s(policy: RetryPolicy, attempt: int) -> float:
     return policy.delay_s  # pragma: no cover - the logic is a Literal
 
 
+def _as_attempt(record: TaskRecord) -> Attempt:
+    """A task's current attempt, as its history keeps it."""
+    return Attempt(
+        attempt=record.attempt,
+        status=record.status,
+        error=record.error,
+        started_at=record.started_at,
+        ended_at=record.ended_at,
+        worker=record.worker,
+    )
+
+
 def _next_attempt(
     failed: TaskRecord, draft: _Draft, delay_s: float, timeout_s: float | None = None
 ) -> TaskRecord:
     """The next attempt of a failed task: SCHEDULED now, or once its backoff is over."""
-    earlier = Attempt(
-        attempt=failed.attempt,
-        status=failed.status,
-        error=failed.error,
-        started_at=failed.started_at,
-        ended_at=failed.ended_at,
-        worker=failed.worker,
-    )
+    earlier = _as_attempt(failed)
     retry_at = utc_text(_parse(draft.at) + datetime.timedelta(seconds=delay_s)) if delay_s else None
     return msgspec.structs.replace(
         failed,
@@ -611,13 +621,10 @@ def _workflow_timed_out(definition: Definition, state: Saga, fact: WorkflowTimed
 
 def _pause(definition: Definition, state: Saga, fact: PauseRequested) -> Decision:
     if state.status != "RUNNING":
-        return Decision(
+        return _refused(
             state,
-            (),
-            Refusal(
-                409,
-                f"workflow {state.workflow_id} is {state.status}: only a running one can be paused",
-            ),
+            409,
+            f"workflow {state.workflow_id} is {state.status}: only a running one can be paused",
         )
     draft = _Draft(definition, state, fact.at, fact_id(fact))
     draft.status = "PAUSED"
@@ -627,13 +634,10 @@ def _pause(definition: Definition, state: Saga, fact: PauseRequested) -> Decisio
 def _resume(definition: Definition, state: Saga, fact: ResumeRequested) -> Decision:
     """Go on from every task that finished while paused, and dispatch the retries now due."""
     if state.status != "PAUSED":
-        return Decision(
+        return _refused(
             state,
-            (),
-            Refusal(
-                409,
-                f"workflow {state.workflow_id} is {state.status}: only a paused one can be resumed",
-            ),
+            409,
+            f"workflow {state.workflow_id} is {state.status}: only a paused one can be resumed",
         )
     draft = _Draft(definition, state, fact.at, fact_id(fact))
     draft.status = "RUNNING"
@@ -649,18 +653,15 @@ def _resume(definition: Definition, state: Saga, fact: ResumeRequested) -> Decis
 def _rerun(definition: Definition, state: Saga, fact: RerunRequested) -> Decision:
     """Invalidate ``fact.task`` and all downstream of it, then run again from it."""
     if fact.task not in definition.nodes:
-        return Decision(state, (), Refusal(404, f"{state.workflow} has no task {fact.task!r}"))
+        return _refused(state, 404, f"{state.workflow} has no task {fact.task!r}")
     if state.status not in TERMINAL:
-        return Decision(
+        return _refused(
             state,
-            (),
-            Refusal(
-                409,
-                f"workflow {state.workflow_id} is {state.status}: only a finished one can be rerun",
-            ),
+            409,
+            f"workflow {state.workflow_id} is {state.status}: only a finished one can be rerun",
         )
     if not any(t.ref == fact.task for t in state.tasks):
-        return Decision(state, (), Refusal(409, f"task {fact.task!r} never ran: nothing to rerun"))
+        return _refused(state, 409, f"task {fact.task!r} never ran: nothing to rerun")
     draft = _Draft(definition, state, fact.at, fact_id(fact))
     draft.status, draft.error, draft.output, draft.ended_by = "RUNNING", None, None, ""
     draft.compensating = None
@@ -670,14 +671,7 @@ def _rerun(definition: Definition, state: Saga, fact: RerunRequested) -> Decisio
         if node is not None and node.task.ref in invalid:
             # Keep the run in its history and the attempt number, so the next run's
             # message ids are new; drop the output so nothing downstream reads it.
-            earlier = Attempt(
-                attempt=record.attempt,
-                status=record.status,
-                error=record.error,
-                started_at=record.started_at,
-                ended_at=record.ended_at,
-                worker=record.worker,
-            )
+            earlier = _as_attempt(record)
             draft.put(
                 msgspec.structs.replace(
                     record,
@@ -698,15 +692,11 @@ def _rerun(definition: Definition, state: Saga, fact: RerunRequested) -> Decisio
 def _retry_requested(definition: Definition, state: Saga, fact: RetryRequested) -> Decision:
     """Run the failed task again (and what its failure canceled); history is kept."""
     if state.status not in {"FAILED", "TIMED_OUT", "TERMINATED"}:
-        return Decision(
+        return _refused(
             state,
-            (),
-            Refusal(
-                409,
-                f"workflow {state.workflow_id} is "
-                f"{state.status}: only a finished, failed one "
-                "can be retried",
-            ),
+            409,
+            f"workflow {state.workflow_id} is {state.status}: "
+            "only a finished, failed one can be retried",
         )
     again = [
         t
@@ -715,7 +705,7 @@ def _retry_requested(definition: Definition, state: Saga, fact: RetryRequested) 
         and t.type in {"SIMPLE", "WAIT", "SUB_WORKFLOW", "DELAY"}
     ]
     if not again:
-        return Decision(state, (), Refusal(409, "no failed task to retry"))
+        return _refused(state, 409, "no failed task to retry")
     draft = _Draft(definition, state, fact.at, fact_id(fact))
     draft.status, draft.error, draft.output, draft.ended_by = "RUNNING", None, None, ""
     for record in again:
@@ -741,15 +731,13 @@ def _retry_requested(definition: Definition, state: Saga, fact: RetryRequested) 
 def _signal(definition: Definition, state: Saga, fact: SignalReceived) -> Decision:
     node = node_of(definition, fact.ref)
     if node is None:
-        return Decision(state, (), Refusal(404, f"{state.workflow} has no task {fact.ref!r}"))
+        return _refused(state, 404, f"{state.workflow} has no task {fact.ref!r}")
     if state.status in TERMINAL:
-        return Decision(state, (), Refusal(409, f"workflow {state.workflow_id} is {state.status}"))
+        return _refused(state, 409, f"workflow {state.workflow_id} is {state.status}")
     record = next((t for t in state.tasks if t.ref == fact.ref), None)
     if not isinstance(node.task, WaitTask) or record is None or record.status not in _WAITING:
         shown = "not reached yet" if record is None else record.status
-        return Decision(
-            state, (), Refusal(409, f"task {fact.ref!r} is not waiting for a signal ({shown})")
-        )
+        return _refused(state, 409, f"task {fact.ref!r} is not waiting for a signal ({shown})")
     draft = _Draft(definition, state, fact.at, fact_id(fact))
     draft.put(
         msgspec.structs.replace(record, status="COMPLETED", output=fact.output, ended_at=fact.at)
@@ -760,7 +748,7 @@ def _signal(definition: Definition, state: Saga, fact: SignalReceived) -> Decisi
 
 def _terminate(definition: Definition, state: Saga, fact: TerminateRequested) -> Decision:
     if state.status in TERMINAL:
-        return Decision(state, (), Refusal(409, f"workflow {state.workflow_id} is {state.status}"))
+        return _refused(state, 409, f"workflow {state.workflow_id} is {state.status}")
     draft = _Draft(definition, state, fact.at, fact_id(fact))
     error = Failure(type="terminated", message=fact.reason or "terminated")
     if fact.compensate and state.compensating is None:
