@@ -218,8 +218,11 @@ _ALIASES: Final = {
     "failureWorkflow": "failure",
     "forkTasks": "branches",
     "joinOn": "join_on",
+    "terminationStatus": "status",
+    "workflowOutput": "output",
+    "terminationReason": "reason",
 }
-_TYPE_ALIASES: Final = {"DECISION": "SWITCH", "FORK_JOIN": "FORK"}
+_TYPE_ALIASES: Final = {"DECISION": "SWITCH", "FORK_JOIN": "FORK", "HUMAN": "WAIT"}
 
 
 def _normalize_task(raw: Any) -> Any:
@@ -228,7 +231,14 @@ def _normalize_task(raw: Any) -> Any:
     task = {_ALIASES.get(k, k): v for k, v in raw.items()}
     if isinstance(task.get("type"), str):
         task["type"] = _TYPE_ALIASES.get(task["type"], task["type"])
-    if "taskReferenceName" in raw and "name" in task:
+    _conductor_fields(task, named="taskReferenceName" in raw)
+    _normalize_children(task)
+    return task
+
+
+def _conductor_fields(task: dict[str, Any], *, named: bool) -> None:
+    """Rewrite Conductor's task fields that do not map one to one onto ours."""
+    if named and "name" in task:
         # Conductor names every task; only a SIMPLE task's name is the agent's task.
         name = task.pop("name")
         if task.get("type") == "SIMPLE":
@@ -237,6 +247,19 @@ def _normalize_task(raw: Any) -> Any:
     if isinstance(param, str) and "expression" not in task:
         inputs = task.pop("input", {})
         task["expression"] = inputs.get(param, "") if isinstance(inputs, dict) else ""
+    sink = task.pop("sink", None)
+    if isinstance(sink, str) and task.get("type") == "EVENT":
+        # Conductor's EVENT names its sink as "<kind>:<subject>"; ours is always NATS.
+        task.setdefault("subject", sink.split(":", 1)[-1])
+    sub = task.pop("subWorkflowParam", None)
+    if isinstance(sub, dict):
+        task.setdefault("workflow", sub.get("name"))
+        if sub.get("version") is not None:
+            task.setdefault("version", sub.get("version"))
+
+
+def _normalize_children(task: dict[str, Any]) -> None:
+    """Normalize the tasks nested in a SWITCH, a FORK or a compensation."""
     if isinstance(task.get("cases"), dict):
         # YAML reads `true:` or `3:` as a bool or an int; a case key is the JSON text.
         task["cases"] = {
@@ -247,14 +270,9 @@ def _normalize_task(raw: Any) -> Any:
         task["default"] = _normalize_tasks(task["default"])
     if isinstance(task.get("branches"), list):
         task["branches"] = [_normalize_tasks(b) for b in task["branches"]]
-    if "each" in task:
-        task["each"] = _normalize_task(task["each"])
-    sub = task.pop("subWorkflowParam", None)
-    if isinstance(sub, dict):
-        task.setdefault("workflow", sub.get("name"))
-        if sub.get("version") is not None:
-            task.setdefault("version", sub.get("version"))
-    return task
+    for single in ("each", "compensate"):
+        if single in task:
+            task[single] = _normalize_task(task[single])
 
 
 def _normalize_tasks(raw: Any) -> Any:

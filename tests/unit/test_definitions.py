@@ -16,6 +16,7 @@ from kapellmeister.definitions import (
     SimpleTask,
     SwitchTask,
     TerminateTask,
+    WaitTask,
     WorkflowDef,
     compile_definition,
     load_definition,
@@ -618,3 +619,34 @@ def test_a_compiled_definition_is_json_friendly():
     spec = parse_definition(RAIN_CHECK_JSON)
     again = parse_definition(msgspec.json.encode(spec))
     assert again == spec
+
+
+def test_more_conductor_names_are_understood():
+    spec = parse_definition(
+        {
+            "name": "c",
+            "tasks": [
+                {"name": "ask", "taskReferenceName": "ask", "type": "HUMAN"},
+                {
+                    "name": "tell",
+                    "taskReferenceName": "tell",
+                    "type": "EVENT",
+                    "sink": "nats:events.asked",
+                    "inputParameters": {"x": 1},
+                },
+                {
+                    "name": "stop",
+                    "taskReferenceName": "stop",
+                    "type": "TERMINATE",
+                    "terminationStatus": "FAILED",
+                    "workflowOutput": {"y": 2},
+                    "terminationReason": "no",
+                },
+            ],
+        }
+    )
+    ask, tell, stop = spec.tasks
+    assert isinstance(ask, WaitTask)
+    assert isinstance(tell, EventTask) and tell.subject == "events.asked"
+    assert isinstance(stop, TerminateTask)
+    assert (stop.status, stop.output, stop.reason) == ("FAILED", {"y": 2}, "no")
