@@ -228,7 +228,7 @@ _TYPE_ALIASES: Final = {"DECISION": "SWITCH", "FORK_JOIN": "FORK", "HUMAN": "WAI
 def _normalize_task(raw: Any) -> Any:
     if not isinstance(raw, dict):
         return raw
-    task: dict[str, Any] = {_ALIASES.get(k, k): v for k, v in raw.items()}
+    task: dict[str, Any] = {_ALIASES.get(k) or k: v for k, v in raw.items()}
     if isinstance(task.get("type"), str):
         task["type"] = _TYPE_ALIASES.get(task["type"], task["type"])
     _conductor_fields(task, named="taskReferenceName" in raw)
