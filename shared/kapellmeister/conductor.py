@@ -24,6 +24,7 @@ import contextlib
 import datetime
 import logging
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import msgspec
 import nats.errors
@@ -97,9 +98,11 @@ class Conductor:
         self._worker: PullWorker | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._poison: Subscription | None = None
-        # What the sweeper re-drove, by workflow: the updated_at it saw. A workflow is
-        # re-driven once per state, not at every sweep while a long task runs.
-        self._redriven: dict[str, str] = {}
+        # What the sweeper re-drove, by workflow: the updated_at it saw, how often, and
+        # when next. An unchanged workflow is re-driven again with doubling gaps (a
+        # republish that was acknowledged can still be lost to a server crash), not at
+        # every sweep while a long task runs.
+        self._redriven: dict[str, _Redrive] = {}
 
     @property
     def js(self) -> JetStreamContext:
@@ -418,9 +421,11 @@ class Conductor:
             if oldest <= head.updated_at <= newest
             and (head.status not in TERMINAL or head.unpublished)
         }
-        self._redriven = {k: v for k, v in self._redriven.items() if recent.get(k) == v}
-        for workflow_id, updated_at in recent.items():
-            if self._redriven.get(workflow_id) == updated_at:
+        self._redriven = {k: v for k, v in self._redriven.items() if recent.get(k) == v.updated_at}
+        clock = asyncio.get_running_loop().time()
+        for workflow_id in recent:
+            last = self._redriven.get(workflow_id)
+            if last is not None and clock < last.next_at:
                 continue
             state = (await self.store.load(workflow_id, fresh=True)).state
             if state is None:
@@ -437,7 +442,11 @@ class Conductor:
                 count += 1
             if state.unpublished:
                 await self.mark_published(state)
-            self._redriven[workflow_id] = state.updated_at
+            times = (
+                last.times + 1 if last is not None and last.updated_at == state.updated_at else 1
+            )
+            gap = self.settings.sweep_interval_s * 2**times
+            self._redriven[workflow_id] = _Redrive(state.updated_at, times, clock + gap)
         return count
 
     async def _sweep_forever(self) -> None:
@@ -460,6 +469,12 @@ class _MaxDeliveries(msgspec.Struct, frozen=True):
 
 _decode_max_deliveries = msgspec.json.Decoder(_MaxDeliveries).decode
 _decode_task_request = msgspec.json.Decoder(TaskRequest).decode
+
+
+class _Redrive(NamedTuple):
+    updated_at: str
+    times: int
+    next_at: float
 
 
 class _SweepHead(msgspec.Struct, frozen=True):

@@ -72,13 +72,20 @@ class PullWorker:
             await asyncio.wait(self._running, timeout=grace_s)
 
     async def _keep_alive(self) -> None:
-        # A pull request lost to a reconnect must not stall the loop for ever.
+        # Pull requests lost to a reconnect (a server restart forgets them, and the 408s
+        # that would say so never come) must not stall the loop for ever: with nothing
+        # delivered for a whole expiry, every request made before it has ended, whatever
+        # the handlers still running are doing.
         while True:
-            delivered = self._delivered
-            await asyncio.sleep(self._expires_s)
-            if self._delivered == delivered and not self._running:
-                self._requested = 0  # idle for a whole expiry: every request has ended
-            await self._top_up(force=True)
+            delivered, reconnects = self._delivered, self._nc.stats["reconnects"]
+            await asyncio.sleep(self._expires_s * 1.5)
+            # A reconnect (a server restart, say) loses every pull request made before it.
+            if self._delivered == delivered or self._nc.stats["reconnects"] != reconnects:
+                self._requested = 0
+            try:
+                await self._top_up(force=True)
+            except Exception:
+                log.exception("%s: pull request failed; trying again", self.name)
 
     async def _top_up(self, force: bool = False) -> None:
         if self._sub is None:

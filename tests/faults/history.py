@@ -1,0 +1,228 @@
+"""A Jepsen-style history for the fault suite: what was accepted, what came out.
+
+`History` logs each start the conductor replied to, then reads every saga (KV
+``workflows``), every ``fault_effects`` counter and every ``events.faults.done`` event in
+EVENTS, and computes:
+
+* lost: accepted, but no saga, a terminal saga that is not COMPLETED, or a COMPLETED
+  one without its event or without a step's effect;
+* duplicated: a counter > 1 for a (workflow, ref, attempt), more than one event for a
+  workflow, or a step run under more than one attempt (no fault here should cause a
+  retry: the definition has none);
+* stuck: a saga not terminal at the deadline.
+
+Lost and stuck are disjoint; the bar for all three is zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+from typing import Any
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
+
+from kapellmeister.messages import TERMINAL
+from kapellmeister.topology import EVENTS
+from tests.support import stream_messages
+
+STEPS = ("one", "two", "three")
+DONE = "events.faults.done"
+
+DEFINITION: dict[str, Any] = {
+    "name": "faults",
+    "version": 1,
+    "description": "Three counted steps and an event (fault suite)",
+    "tasks": [
+        *(
+            {
+                "ref": ref,
+                "type": "SIMPLE",
+                "task": "faults.step",
+                "input": {"workflow_id": "${workflow.id}", "ref": ref},
+            }
+            for ref in STEPS
+        ),
+        {
+            "ref": "done",
+            "type": "EVENT",
+            "subject": DONE,
+            "input": {"workflow_id": "${workflow.id}"},
+        },
+    ],
+    "output": {"ok": "${three.output.ok}"},
+}
+
+
+@dataclasses.dataclass
+class Verdict:
+    lost: list[str] = dataclasses.field(default_factory=list)
+    duplicated: list[str] = dataclasses.field(default_factory=list)
+    stuck: list[str] = dataclasses.field(default_factory=list)
+    # Effects recorded twice for one attempt where the fault makes JetStream redeliver a
+    # task the agent had run (at-least-once handlers): reported, not counted as duplicated.
+    reruns: list[str] = dataclasses.field(default_factory=list)
+
+    def zeros(self) -> bool:
+        return not (self.lost or self.duplicated or self.stuck)
+
+    def __str__(self) -> str:
+        return (
+            f"lost {len(self.lost)} {self.lost[:5]}, duplicated {len(self.duplicated)} "
+            f"{self.duplicated[:5]}, stuck {len(self.stuck)} {self.stuck[:5]}"
+        )
+
+
+async def _bucket(js: JetStreamContext, bucket: str) -> dict[str, bytes]:
+    """The latest value of every key in ``bucket``, read from its stream message by message
+    (a KV watcher's end-of-values marker can come early; direct gets cannot)."""
+    values: dict[str, bytes] = {}
+    prefix = f"$KV.{bucket}."
+    for msg in await stream_messages(js, f"KV_{bucket}", f"{prefix}>"):
+        key = (msg.subject or "")[len(prefix) :]
+        if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
+            values.pop(key, None)
+        else:
+            values[key] = msg.data
+    return values
+
+
+class History:
+    """Accepted starts for one scenario, and the check of what came of them."""
+
+    def __init__(self, nc: Client, prefix: str) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.prefix = prefix
+        self.accepted: list[str] = []
+        self.unanswered: list[str] = []  # no reply: indeterminate, not counted as accepted
+
+    async def start(self, count: int, concurrency: int = 64, timeout: float = 10.0) -> None:
+        """Start ``count`` workflows ``<prefix>-<n>``; log those whose start got a reply."""
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(workflow_id: str) -> None:
+            async with gate:
+                try:
+                    reply = await self.nc.request(
+                        "conductor.start.faults",
+                        b"{}",
+                        timeout=timeout,
+                        headers={"Workflow-Id": workflow_id},
+                    )
+                except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                    self.unanswered.append(workflow_id)
+                    return
+                headers = reply.headers or {}
+                assert "Nats-Service-Error-Code" not in headers, (headers, reply.data)
+                self.accepted.append(workflow_id)
+
+        base = len(self.accepted) + len(self.unanswered)
+        await asyncio.gather(*(one(f"{self.prefix}-{base + i:05d}") for i in range(count)))
+
+    async def wait(self, timeout: float = 60.0) -> None:
+        """Until every accepted workflow is terminal and has its event, or ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        kv = await self.js.key_value("workflows")
+        pending = set(self.accepted)
+        while pending and loop.time() < deadline:
+            for workflow_id in list(pending):
+                with contextlib.suppress(KeyNotFoundError):
+                    entry = await kv.get(workflow_id)
+                    if msgspec.json.decode(entry.value or b"{}")["status"] in TERMINAL:
+                        pending.discard(workflow_id)
+            if pending:
+                await asyncio.sleep(0.25)
+        # A saga can be COMPLETED before its event is out (a conductor killed between the
+        # write and the publish): the redelivered result publishes it.
+        while loop.time() < deadline:
+            info = await self.js.stream_info(EVENTS, subjects_filter=DONE)
+            if (info.state.messages or 0) >= len(self.accepted):
+                break
+            await asyncio.sleep(0.25)
+
+    @staticmethod
+    async def running(js: JetStreamContext, ids: list[str]) -> int:
+        """How many of ``ids`` are not terminal now (to show a fault hit work in flight)."""
+        kv = await js.key_value("workflows")
+        count = 0
+        for workflow_id in ids:
+            with contextlib.suppress(KeyNotFoundError):
+                entry = await kv.get(workflow_id)
+                count += msgspec.json.decode(entry.value or b"{}")["status"] not in TERMINAL
+        return count
+
+    async def check(self, reruns_expected: bool = False) -> Verdict:
+        """The verdict; ``reruns_expected`` files counters > 1 under `Verdict.reruns`."""
+        verdict = Verdict()
+        sagas = {
+            key: msgspec.json.decode(value)
+            for key, value in (await _bucket(self.js, "workflows")).items()
+            if key.startswith(f"{self.prefix}-")
+        }
+        effects = await _bucket(self.js, "fault_effects")
+        events = collections.Counter(
+            msgspec.json.decode(m.data or b"{}").get("workflow_id")
+            for m in await stream_messages(self.js, EVENTS, DONE)
+        )
+        self._lost_and_stuck(verdict, sagas, effects, events)
+        self._duplicates(verdict, sagas, effects, events, reruns_expected)
+        return verdict
+
+    def _lost_and_stuck(
+        self,
+        verdict: Verdict,
+        sagas: dict[str, Any],
+        effects: dict[str, bytes],
+        events: collections.Counter[Any],
+    ) -> None:
+        for workflow_id in self.accepted:
+            state = sagas.get(workflow_id)
+            if state is None:
+                verdict.lost.append(f"{workflow_id}: no saga")
+            elif state["status"] not in TERMINAL:
+                tasks = ",".join(
+                    f"{t.get('ref')}={t.get('status')}" for t in state.get("tasks", [])
+                )
+                verdict.stuck.append(f"{workflow_id}: {state['status']} [{tasks}]")
+            elif state["status"] != "COMPLETED":
+                verdict.lost.append(f"{workflow_id}: {state['status']} {state.get('error')}")
+            elif events[workflow_id] == 0:
+                verdict.lost.append(f"{workflow_id}: COMPLETED without its event")
+            else:
+                for record in state.get("tasks", []):
+                    key = f"{workflow_id}.{record.get('ref')}.{record.get('attempt')}"
+                    if record.get("ref") in STEPS and key not in effects:
+                        verdict.lost.append(f"{key}: COMPLETED without its effect")
+
+    def _duplicates(
+        self,
+        verdict: Verdict,
+        sagas: dict[str, Any],
+        effects: dict[str, bytes],
+        events: collections.Counter[Any],
+        reruns_expected: bool,
+    ) -> None:
+        # Duplicates are looked for in every saga of the run, accepted or not.
+        for key, value in effects.items():
+            if key.startswith(f"{self.prefix}-") and int(value) > 1:
+                found = verdict.reruns if reruns_expected else verdict.duplicated
+                found.append(f"effect {key} x{int(value)}")
+        for workflow_id, count in events.items():
+            if str(workflow_id).startswith(f"{self.prefix}-") and count > 1:
+                verdict.duplicated.append(f"event {workflow_id} x{count}")
+        for workflow_id, state in sagas.items():
+            for record in state.get("tasks", []):
+                if record.get("ref") in STEPS and (
+                    record.get("attempt", 1) != 1 or record.get("history")
+                ):
+                    verdict.duplicated.append(
+                        f"{workflow_id}.{record['ref']} attempt {record.get('attempt')}"
+                    )
