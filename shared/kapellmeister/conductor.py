@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import logging
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -61,6 +60,7 @@ from kapellmeister.messages import (
     TaskResult,
     TaskTimedOut,
     WorkflowTimedOut,
+    utc_shift,
     utc_text,
 )
 from kapellmeister.registry import DefinitionStore, Registry
@@ -409,11 +409,11 @@ class Conductor:
         is certainly dropped as a duplicate if the first one went out. Returns how many
         workflows were re-driven.
         """
-        now = _parse(utc_now())
-        oldest = utc_text(now - _seconds(DEDUPE_WINDOW_S * 0.8))
+        now = utc_now()
+        oldest = utc_shift(now, -DEDUPE_WINDOW_S * 0.8)
         # Leave alone what was written in the last few seconds: its writer is most likely
         # publishing right now, and a republish would only be a duplicate to drop.
-        newest = utc_text(now - _seconds(self.settings.sweep_grace_s))
+        newest = utc_shift(now, -self.settings.sweep_grace_s)
         count = 0
         recent = {
             head.workflow_id: head.updated_at
@@ -517,11 +517,3 @@ def _fact(result: TaskResult, at: str) -> Fact:
         started_at=result.started_at,
         worker=result.worker,
     )
-
-
-def _parse(text: str) -> datetime.datetime:
-    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
-def _seconds(n: float) -> datetime.timedelta:
-    return datetime.timedelta(seconds=n)

@@ -20,7 +20,6 @@ walk until their result comes back as a fact.
 
 from __future__ import annotations
 
-import datetime
 import re
 from typing import Final, Literal
 
@@ -73,7 +72,7 @@ from kapellmeister.messages import (
     TerminateRequested,
     WorkflowStatus,
     WorkflowTimedOut,
-    utc_text,
+    utc_shift,
 )
 
 __all__ = [
@@ -536,7 +535,7 @@ def _next_attempt(
 ) -> TaskRecord:
     """The next attempt of a failed task: SCHEDULED now, or once its backoff is over."""
     earlier = _as_attempt(failed)
-    retry_at = utc_text(_parse(draft.at) + datetime.timedelta(seconds=delay_s)) if delay_s else None
+    retry_at = _deadline(draft.at, delay_s) if delay_s else None
     return msgspec.structs.replace(
         failed,
         status="SCHEDULED",
@@ -815,7 +814,7 @@ def _delay(draft: _Draft, ref: str, task: DelayTask, seconds: Json) -> None:
     if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
         _fail(draft, ref, f"DELAY {ref!r}: duration_s is {seconds!r}, not seconds")
         return
-    fire_at = utc_text(_parse(draft.at) + datetime.timedelta(seconds=seconds))
+    fire_at = utc_shift(draft.at, seconds)
     draft.record(ref, task, status="SCHEDULED", input={"duration_s": seconds, "fire_at": fire_at})
 
 
@@ -852,7 +851,7 @@ def _deadline(at: str, seconds: float | None) -> str | None:
     """``at`` plus ``seconds``, or None when there is no timeout."""
     if seconds is None:
         return None
-    return utc_text(_parse(at) + datetime.timedelta(seconds=seconds))
+    return utc_shift(at, seconds)
 
 
 def _fork(draft: _Draft, ref: str, task: ForkTask) -> None:
@@ -1009,7 +1008,3 @@ def _complete_fork(draft: _Draft, fork_ref: str) -> None:
 def _output_of(draft: _Draft, ref: str) -> Json:
     record = draft.tasks.get(ref)
     return record.output if record is not None else None
-
-
-def _parse(text: str) -> datetime.datetime:
-    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))

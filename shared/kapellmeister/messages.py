@@ -58,6 +58,7 @@ __all__ = [
     "WorkflowSummary",
     "WorkflowSummaries",
     "TERMINAL",
+    "utc_shift",
     "utc_text",
 ]
 
@@ -72,6 +73,12 @@ def utc_text(moment: datetime.datetime) -> str:
     """RFC 3339 UTC text with milliseconds: ``2026-11-23T10:00:00.123Z``."""
     text = moment.astimezone(datetime.UTC).isoformat(timespec="milliseconds")
     return text.removesuffix("+00:00") + "Z"
+
+
+def utc_shift(text: str, seconds: float) -> str:
+    """The `utc_text` time ``seconds`` after (or, negative, before) ``text``."""
+    moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return utc_text(moment + datetime.timedelta(seconds=seconds))
 
 
 class Failure(msgspec.Struct, frozen=True, kw_only=True):

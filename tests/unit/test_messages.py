@@ -14,6 +14,7 @@ from kapellmeister.messages import (
     TaskCompleted,
     TaskRequest,
     TaskResult,
+    utc_shift,
     utc_text,
 )
 
@@ -58,3 +59,8 @@ def test_times_are_rfc3339_utc_with_milliseconds():
     )
     assert utc_text(moment) == "2026-11-23T10:02:03.456Z"
     assert utc_text(moment.replace(microsecond=0)) == "2026-11-23T10:02:03.000Z"
+
+
+def test_utc_shift_moves_rfc3339_text_both_ways():
+    assert utc_shift("2026-11-23T10:00:00.000Z", 90.5) == "2026-11-23T10:01:30.500Z"
+    assert utc_shift("2026-11-23T10:00:00.000Z", -1) == "2026-11-23T09:59:59.000Z"
