@@ -261,9 +261,13 @@ class Conductor:
                     error=error if failed else None,
                     worker=f"workflow/{command.child}",
                 )
-                await self.js.publish(
-                    f"results.{parent.workflow_id}", _encode(result), headers=headers
-                )
+                await self._publish_result(result, headers)
+
+    async def _publish_result(self, result: TaskResult, headers: Mapping[str, str]) -> None:
+        """A result the conductor states itself (a child's end, a refusal, a poison task)."""
+        await self.js.publish(
+            f"results.{result.workflow_id}", _encode(result), headers=dict(headers)
+        )
 
     async def start_workflow(self, fact: Started, trace: Mapping[str, str]) -> Saga:
         """Create a workflow (or find it: the id makes a start idempotent) and publish.
@@ -319,10 +323,8 @@ class Conductor:
                 status="FAILED",
                 error=failure,
             )
-            await self.js.publish(
-                f"results.{parent.workflow_id}",
-                _encode(result),
-                headers={**trace, "Nats-Msg-Id": f"{command.msg_id}:refused"},
+            await self._publish_result(
+                result, {**trace, "Nats-Msg-Id": f"{command.msg_id}:refused"}
             )
             return
         traceparent = trace.get("traceparent", "")
@@ -391,9 +393,7 @@ class Conductor:
             error=failure,
         )
         msg_id = f"{request.workflow_id}:{request.ref}:{request.attempt}:poison"
-        await self.js.publish(
-            f"results.{request.workflow_id}", _encode(result), headers={"Nats-Msg-Id": msg_id}
-        )
+        await self._publish_result(result, {"Nats-Msg-Id": msg_id})
         with contextlib.suppress(nats.errors.Error):
             await self.js.delete_msg(TASKS, advisory.stream_seq)
 
