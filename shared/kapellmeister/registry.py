@@ -112,6 +112,7 @@ class DefinitionStore:
         self.tasks = tasks
         self.registry = registry
         self._watch: asyncio.Task[None] | None = None
+        self._loaded: set[str] = set()
 
     async def start(self, shipped: Iterable[Definition] = ()) -> None:
         """Store the shipped definitions that are not stored yet, load all, then follow."""
@@ -138,24 +139,29 @@ class DefinitionStore:
 
     async def reload(self) -> None:
         """Read every stored definition into the registry."""
-        async for value in read_bucket(self.kv):
-            self._add(value)
+        async for key, value in read_bucket(self.kv):
+            self._add(key, value)
 
     async def _follow(self) -> None:
         watcher = await self.kv.watchall(include_history=False)
         try:
             async for entry in watcher:
                 if entry is not None and entry.value:
-                    self._add(entry.value)
+                    self._add(entry.key, entry.value)
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()
 
-    def _add(self, value: bytes) -> None:
+    def _add(self, key: str, value: bytes) -> None:
+        # A stored version never changes: compile each key once, though the follower
+        # replays every current value at start and a miss reads the bucket again.
+        if key in self._loaded:
+            return
         try:
             self.registry.add(compile_definition(parse_definition(value)))
         except InvalidDefinition as exc:  # stored by a newer conductor, say
-            log.warning("a stored definition is not loadable here: %s", exc.message)
+            log.warning("definition %s is not loadable here: %s", key, exc.message)
+        self._loaded.add(key)
 
     async def get(self, name: str, version: int | None = None) -> Definition:
         """Like `Registry.get`, reading the bucket again before a 404."""
@@ -212,6 +218,7 @@ class DefinitionStore:
                     f"content; versions are immutable: register version {max(versions) + 1}"
                 ) from None
         self.registry.add(definition)
+        self._loaded.add(key)
         return definition
 
     def _sub_workflows(self, definition: Definition) -> SubWorkflows:

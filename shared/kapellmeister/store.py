@@ -40,8 +40,8 @@ class Versioned(msgspec.Struct, frozen=True):
     revision: int
 
 
-async def read_bucket(kv: KeyValue, quiet_s: float = 10.0) -> AsyncIterator[bytes]:
-    """The latest value of every key of a bucket (an ordered consumer over it).
+async def read_bucket(kv: KeyValue, quiet_s: float = 10.0) -> AsyncIterator[tuple[str, bytes]]:
+    """The key and latest value of every key of a bucket (an ordered consumer over it).
 
     The watcher marks the end of what is stored with None; should that marker never come
     (a reconnect mid-read), a quiet ``quiet_s`` ends the read instead of hanging it.
@@ -57,7 +57,7 @@ async def read_bucket(kv: KeyValue, quiet_s: float = 10.0) -> AsyncIterator[byte
             if entry is None:
                 return
             if entry.value:
-                yield entry.value
+                yield entry.key, entry.value
     finally:
         await watcher.stop()
 
@@ -127,5 +127,5 @@ class SagaStore:
         ignored), so a listing or a sweep pays only for what it reads.
         """
         decode = msgspec.json.Decoder(as_type).decode
-        async for value in read_bucket(self.kv):
+        async for _, value in read_bucket(self.kv):
             yield decode(value)

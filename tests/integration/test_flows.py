@@ -153,22 +153,6 @@ async def test_switch_fork_dynamic_fork_sub_workflow_and_delay_together(nc, js, 
     assert nap["ended_at"] >= nap["input"]["fire_at"]
 
 
-async def test_a_delay_survives_a_conductor_restart(nc, js, settings, everything):
-    data = {"cities": [], "date": "2019-04-02", "pause": 2.0}
-    await start(nc, "everything", data, "all-2")
-    await everything.stop()  # the timer is JetStream's: nobody needs to be around for it
-    await asyncio.sleep(2.5)
-    definitions = [compile_definition(parse_definition(t)) for t in (EVERYTHING, CHILD)]
-    again = Conductor(settings, Registry(definitions))
-    await again.start(nc)
-    try:
-        state = (await wait_finished(js, ["all-2"], timeout=20))["all-2"]
-    finally:
-        await again.stop()
-    assert state["status"] == "COMPLETED"
-    assert state["output"]["reports"] == []
-
-
 async def test_a_child_that_cannot_start_fails_its_task(nc, js, settings, agents):
     parent = compile_definition(
         parse_definition(
