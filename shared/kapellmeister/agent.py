@@ -40,6 +40,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
@@ -51,6 +52,7 @@ from kapellmeister.consumer import PullWorker
 from kapellmeister.deadletter import dead_letter, record_dead_letter
 from kapellmeister.definitions import RetryPolicy
 from kapellmeister.errors import BadRequest, TaskError
+from kapellmeister.lease import LEASES, Lease, lease_key
 from kapellmeister.messages import Failure, Json, TaskRequest, TaskResult
 from kapellmeister.micro import add_endpoint, error_detail
 from kapellmeister.runtime import connect, run_service, utc_now
@@ -174,6 +176,7 @@ class Agent:
         self._service: Service | None = None
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        self._leases: KeyValue | None = None
 
     async def start(self, nc: Client) -> None:
         """Create what is missing, register the tasks, start consuming and serving."""
@@ -181,6 +184,7 @@ class Agent:
         settings = self.settings
         await ensure_streams(self._js, settings.replicas)
         buckets = await ensure_buckets(self._js, settings.replicas)
+        self._leases = buckets[LEASES]
         self._service = await add_service(
             nc, name=self.name, version=self.version, description=self.description
         )
@@ -249,6 +253,15 @@ class Agent:
             assert self._js is not None
             await dead_letter(self._js, msg, self.name, f"not a task request: {exc}")
             return
+        lease = self._lease(request)
+        if lease is not None and not await lease.claim():
+            # A conductor gave up on this attempt (its heartbeat stopped) and retried it.
+            log.info(
+                "%s %s: attempt %d was cancelled; dropped", spec.name, request.ref, request.attempt
+            )
+            with contextlib.suppress(nats.errors.Error):
+                await msg.term()
+            return
         attributes: dict[str, str | int] = {
             "messaging.system": "nats",
             "messaging.destination.name": msg.subject,
@@ -272,8 +285,18 @@ class Agent:
             self._working[id(msg)] = msg
             try:
                 # Raw embeds the handler's encoded result as it is, without a decode.
-                output = typing.cast(Json, msgspec.Raw(await spec.call(request.input)))
-                result = msgspec.structs.replace(result, output=output)
+                encoded = await self._call(spec, request, lease)
+                result = msgspec.structs.replace(result, output=typing.cast(Json, encoded))
+            except _Cancelled:
+                log.warning(
+                    "%s %s: attempt %d cancelled while running",
+                    spec.name,
+                    request.ref,
+                    request.attempt,
+                )
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.term()
+                return
             except Exception as exc:
                 tracing.record_error(exc)
                 if await self._retry_later(spec, msg, exc):
@@ -290,6 +313,40 @@ class Agent:
             finally:
                 self._working.pop(id(msg), None)
             await self._reply(msg, result, trace)
+            if lease is not None:
+                await lease.release()
+
+    def _lease(self, request: TaskRequest) -> Lease | None:
+        """The attempt's heartbeat lease, if its task has a response timeout."""
+        if not request.response_timeout_s:
+            return None
+        assert self._leases is not None
+        key = lease_key(request.workflow_id, request.ref, request.attempt)
+        return Lease(self._leases, key, self.worker_id)
+
+    async def _call(
+        self, spec: TaskSpec[Any, Any], request: TaskRequest, lease: Lease | None
+    ) -> msgspec.Raw:
+        """Run the handler; under a lease, renew it every third of the response timeout
+        and stop the handler if a renewal finds the attempt cancelled."""
+        if lease is None or not request.response_timeout_s:
+            # Raw embeds the handler's encoded result as it is, without a decode.
+            return msgspec.Raw(await spec.call(request.input))
+        call = asyncio.ensure_future(spec.call(request.input))
+        period = request.response_timeout_s / 3
+        while True:
+            done, _ = await asyncio.wait({call}, timeout=period)
+            if done:
+                return msgspec.Raw(call.result())
+            try:
+                renewed = await lease.renew()
+            except (TimeoutError, nats.errors.Error) as exc:
+                log.warning("lease %s not renewed: %s", lease.key, exc)
+                continue
+            if not renewed:
+                call.cancel()
+                await asyncio.gather(call, return_exceptions=True)
+                raise _Cancelled(lease.key)
 
     async def _retry_later(self, spec: TaskSpec[Any, Any], msg: Msg, exc: Exception) -> bool:
         """Nak a retryable failure with backoff unless this was the last delivery."""
@@ -336,6 +393,10 @@ class Agent:
                 await msg.nak(delay=1.0)
             return
         await msg.ack()
+
+
+class _Cancelled(Exception):
+    """The attempt's lease was cancelled by a conductor while the handler ran."""
 
 
 def run_agent(

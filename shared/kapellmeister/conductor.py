@@ -31,6 +31,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
 from nats.micro.service import Service
 from opentelemetry.trace import SpanKind
 
@@ -39,8 +40,9 @@ from kapellmeister.api import serve_api
 from kapellmeister.config import Settings
 from kapellmeister.consumer import PullWorker
 from kapellmeister.deadletter import dead_letter, record_dead_letter
-from kapellmeister.decider import Decision, commands_caused_by, decide
+from kapellmeister.decider import Decision, commands_caused_by, decide, node_of, task_msg_id
 from kapellmeister.errors import KapellmeisterError
+from kapellmeister.lease import LEASES, Look, cancel_if_silent, lease_key, look
 from kapellmeister.messages import (
     TERMINAL,
     Command,
@@ -98,6 +100,7 @@ class Conductor:
         self._worker: PullWorker | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._poison: Subscription | None = None
+        self._leases: KeyValue | None = None
         # What the sweeper re-drove, by workflow: the updated_at it saw, how often, and
         # when next. An unchanged workflow is re-driven again with doubling gaps (a
         # republish that was acknowledged can still be lost to a server crash), not at
@@ -108,6 +111,11 @@ class Conductor:
     def js(self) -> JetStreamContext:
         assert self._js is not None, "start() first"
         return self._js
+
+    @property
+    def leases(self) -> KeyValue:
+        assert self._leases is not None, "start() first"
+        return self._leases
 
     @property
     def definitions(self) -> DefinitionStore:
@@ -126,6 +134,7 @@ class Conductor:
         await ensure_streams(self._js, settings.replicas)
         buckets = await ensure_buckets(self._js, settings.replicas)
         self._store = SagaStore(buckets["workflows"])
+        self._leases = buckets[LEASES]
         self._definitions = DefinitionStore(buckets["definitions"], buckets["tasks"], self.registry)
         await self._definitions.start(shipped=self.registry.all())
         durable = await ensure_consumer(
@@ -224,6 +233,7 @@ class Conductor:
                     task=command.task,
                     attempt=command.attempt,
                     input=msgspec.Raw(_encode(command.input)),
+                    response_timeout_s=command.response_timeout_s,
                 )
                 await self.js.publish(f"tasks.{command.task}", _encode(request), headers=headers)
             case PublishEvent():
@@ -236,7 +246,9 @@ class Conductor:
                     ref=command.ref,
                     attempt=command.attempt,
                     status="COMPLETED",
-                    output={"fired_at": command.fire_at},
+                    output={"fired_at": command.fire_at, "lease": command.lease}
+                    if command.purpose == "response"
+                    else {"fired_at": command.fire_at},
                     timer=None if command.purpose == "delay" else command.purpose,
                 )
                 headers["Nats-Schedule"] = f"@at {command.fire_at}"
@@ -351,6 +363,10 @@ class Conductor:
             return
         # The stream's clock stamps the fact: no comparison of two hosts' clocks.
         at = utc_text(msg.metadata.timestamp) if msg.metadata.timestamp else utc_now()
+        if result.timer == "response":
+            await self._check_heartbeat(result, at, msg.metadata.sequence.stream)
+            await msg.ack()
+            return
         attributes: dict[str, str | int] = {
             "messaging.system": "nats",
             "messaging.destination.name": msg.subject,
@@ -396,6 +412,62 @@ class Conductor:
         await self._publish_result(result, {"Nats-Msg-Id": msg_id})
         with contextlib.suppress(nats.errors.Error):
             await self.js.delete_msg(TASKS, advisory.stream_seq)
+
+    async def _check_heartbeat(self, timer: TaskResult, at: str, firing: int) -> None:
+        """An attempt's ``response`` timer fired: look at its lease (`kapellmeister.lease`).
+
+        Alive or not yet taken: look again one response timeout from now. Silent for a
+        whole timeout: cancel the lease and fail the attempt as ``response_timeout``
+        (retryable, so the task's ``retry`` runs it again, elsewhere).
+        """
+        state = (await self.store.load(timer.workflow_id, fresh=True)).state
+        record = next((t for t in state.tasks if t.ref == timer.ref), None) if state else None
+        if (
+            state is None
+            or state.status in TERMINAL
+            or record is None
+            or record.attempt != timer.attempt
+            or record.status not in {"SCHEDULED", "IN_PROGRESS"}
+        ):
+            return  # the attempt is over: nothing to watch
+        definition = await self.definitions.get(state.workflow, state.version)
+        node = node_of(definition, timer.ref)
+        seconds = getattr(node.task, "response_timeout_s", None) if node else None
+        if not seconds:
+            return
+        key = lease_key(timer.workflow_id, timer.ref, timer.attempt)
+        seen = timer.output.get("lease") if isinstance(timer.output, dict) else None
+        found, revision = await look(self.leases, key, seen if isinstance(seen, int) else 0)
+        if found is Look.CANCELLED:
+            return  # this firing was handled before (a redelivery)
+        if found is Look.SILENT and await cancel_if_silent(self.leases, key, revision):
+            failure = Failure(
+                type="response_timeout",
+                message=f"no heartbeat from the agent for {seconds} s (response_timeout_s)",
+                retryable=True,
+                task=record.name,
+            )
+            result = TaskResult(
+                workflow_id=timer.workflow_id,
+                ref=timer.ref,
+                attempt=timer.attempt,
+                status="FAILED",
+                error=failure,
+                worker=record.worker,
+            )
+            msg_id = f"{task_msg_id(timer.workflow_id, timer.ref, timer.attempt)}:response_timeout"
+            await self._publish_result(result, {"Nats-Msg-Id": msg_id})
+            return
+        again = ScheduleTimer(
+            msg_id=f"{task_msg_id(timer.workflow_id, timer.ref, timer.attempt)}:response@{firing}",
+            workflow_id=timer.workflow_id,
+            ref=timer.ref,
+            attempt=timer.attempt,
+            fire_at=utc_shift(at, seconds),
+            purpose="response",
+            lease=revision,
+        )
+        await self.publish(state, (again,))
 
     # --- the sweeper ----------------------------------------------------------------------------
 

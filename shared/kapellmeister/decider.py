@@ -205,6 +205,10 @@ def commands_caused_by(definition: Definition, state: Saga, cause: str) -> tuple
             commands.append(command)
         if record.timeout_at is not None and record.status in _WAITING and record.retry_at is None:
             commands.append(_timer(state, record.ref, record.attempt, record.timeout_at, "timeout"))
+        if isinstance(command, RunTask) and command.response_timeout_s and record.scheduled_at:
+            # The first look at the attempt's heartbeat lease; the runtime sets the next.
+            fire_at = utc_shift(record.scheduled_at, command.response_timeout_s)
+            commands.append(_timer(state, record.ref, record.attempt, fire_at, "response"))
     if cause == START and state.timeout_at is not None:
         commands.append(_timer(state, "workflow", 1, state.timeout_at, "workflow_timeout"))
     failure = definition.spec.failure
@@ -245,7 +249,7 @@ def _timer(
     ref: str,
     attempt: int,
     fire_at: str,
-    purpose: Literal["timeout", "workflow_timeout"],
+    purpose: Literal["timeout", "workflow_timeout", "response"],
 ) -> ScheduleTimer:
     return ScheduleTimer(
         msg_id=f"{task_msg_id(state.workflow_id, ref, attempt)}:{purpose}",
@@ -278,6 +282,7 @@ def _command(state: Saga, record: TaskRecord, task: TaskDef) -> Command | None:
                 task=name,
                 attempt=record.attempt,
                 input=record.input,
+                response_timeout_s=task.response_timeout_s,
             )
         case EventTask(subject=subject) if record.status == "COMPLETED":
             return PublishEvent(msg_id=msg_id, subject=subject, data=record.input)
@@ -567,7 +572,11 @@ def _retry_due(definition: Definition, state: Saga, fact: RetryDue) -> Decision:
     timeout_s = node.task.timeout_s if node and isinstance(node.task, SimpleTask) else None
     draft.put(
         msgspec.structs.replace(
-            record, retry_at=None, cause=cause, timeout_at=_deadline(fact.at, timeout_s)
+            record,
+            retry_at=None,
+            cause=cause,
+            scheduled_at=fact.at,  # dispatched now, its backoff over
+            timeout_at=_deadline(fact.at, timeout_s),
         )
     )
     return _decided(definition, draft)

@@ -96,6 +96,14 @@ class SimpleTask(_Task, tag="SIMPLE", frozen=True):
     # Undoes this task's effect if the workflow fails after it completed (the saga).
     compensate: SimpleTask | None = None
 
+    def __post_init__(self) -> None:
+        limit, heartbeat = self.timeout_s, self.response_timeout_s
+        if limit is not None and heartbeat is not None and heartbeat > limit:
+            raise ValueError(
+                f"response_timeout_s ({heartbeat}) is longer than timeout_s ({limit}):"
+                " the heartbeat bound must fit in the attempt's whole time"
+            )
+
 
 class SwitchTask(_Task, tag="SWITCH", frozen=True):
     """Choose a branch by the JSON text of ``expression`` (``true``, ``ok``, ``3``)."""

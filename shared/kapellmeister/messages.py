@@ -103,6 +103,9 @@ class TaskRequest(msgspec.Struct, frozen=True, kw_only=True):
     task: str
     attempt: int
     input: msgspec.Raw
+    # The task's heartbeat bound: the agent holds a lease in the ``leases`` bucket and
+    # renews it every third of this; a conductor fails the attempt if renewals stop.
+    response_timeout_s: float | None = None
 
 
 class TaskResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -116,7 +119,7 @@ class TaskResult(msgspec.Struct, frozen=True, kw_only=True):
     error: Failure | None = None
     started_at: str | None = None
     worker: str = ""
-    # Set on results JetStream publishes for a timer: "retry" (a retry's backoff is over).
+    # Set on results JetStream publishes for a timer: its `ScheduleTimer.purpose`.
     timer: str | None = None
 
 
@@ -357,6 +360,7 @@ class RunTask(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     task: str
     attempt: int
     input: Json
+    response_timeout_s: float | None = None
 
 
 class PublishEvent(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -370,7 +374,10 @@ class PublishEvent(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 class ScheduleTimer(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """Have JetStream deliver a result for ``ref`` at ``fire_at``.
 
-    ``purpose`` "delay": a completed result (a DELAY is over); "retry": a `RetryDue`.
+    ``purpose`` "delay": a completed result (a DELAY is over); "retry": a `RetryDue`;
+    "timeout" / "workflow_timeout": a task's or the workflow's ``timeout_s`` is over;
+    "response": time to check the attempt's heartbeat lease (``lease`` is the lease
+    revision the previous check saw, 0 for none).
     """
 
     msg_id: str
@@ -378,7 +385,8 @@ class ScheduleTimer(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     ref: str
     attempt: int
     fire_at: str
-    purpose: Literal["delay", "retry", "timeout", "workflow_timeout"] = "delay"
+    purpose: Literal["delay", "retry", "timeout", "workflow_timeout", "response"] = "delay"
+    lease: int = 0
 
 
 class StartWorkflow(msgspec.Struct, frozen=True, kw_only=True, tag=True):

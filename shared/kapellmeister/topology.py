@@ -18,7 +18,9 @@ All dedupe by ``Nats-Msg-Id`` over a 10-minute window, which covers a crashed
 conductor's redelivery (ack wait 30 s) with room to spare.
 
 KV buckets: ``workflows`` (one key per workflow, 5 revisions kept so ``nats kv history``
-shows the last steps), ``definitions``, ``tasks`` (the agent registry), ``timers``.
+shows the last steps), ``definitions``, ``tasks`` (the agent registry), ``leases``
+(heartbeats of running attempts whose task has a ``response_timeout_s``; see
+`kapellmeister.lease`).
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ DEADLETTERS: Final = "DEADLETTERS"
 DEDUPE_WINDOW_S: Final = 600.0
 DAY_S: Final = 86_400.0
 
-BUCKETS: Final = {"workflows": 5, "definitions": 64, "tasks": 1, "timers": 1}
+BUCKETS: Final = {"workflows": 5, "definitions": 64, "tasks": 1, "leases": 1}
+# A lease outlives its attempt by at most a day (a crashed agent never deletes it).
+_TTL_S: Final = {"leases": DAY_S}
 
 
 def _streams(replicas: int) -> list[StreamConfig]:
@@ -144,6 +148,7 @@ async def ensure_buckets(js: JetStreamContext, replicas: int = 1) -> dict[str, K
                     replicas=replicas,
                     # Direct gets are answered by any replica without an API round trip.
                     direct=True,
+                    ttl=_TTL_S.get(name),
                     description=f"kapellmeister {name}",
                 )
             )

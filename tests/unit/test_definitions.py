@@ -161,6 +161,16 @@ def test_not_yaml_at_all():
     assert "not YAML or JSON" in info.value.message
 
 
+def test_a_heartbeat_longer_than_the_task_timeout_is_refused():
+    with pytest.raises(InvalidDefinition) as info:
+        parse_definition(
+            "name: t\ntasks:\n  - {ref: a, type: SIMPLE, task: x.y,"
+            " timeout_s: 5, response_timeout_s: 10}\n"
+        )
+    assert "response_timeout_s (10.0) is longer than timeout_s (5.0)" in info.value.message
+    assert "$.tasks[0]" in info.value.message
+
+
 def test_a_list_is_not_a_definition():
     with pytest.raises(InvalidDefinition) as info:
         parse_definition("[1, 2]")
