@@ -554,6 +554,7 @@ def _next_attempt(
         cause=draft.cause,
         retry_at=retry_at,
         timeout_at=None if retry_at else _deadline(draft.at, timeout_s),
+        timeout_fired=False,
         history=[*failed.history, earlier],
     )
 
@@ -583,27 +584,51 @@ def _retry_due(definition: Definition, state: Saga, fact: RetryDue) -> Decision:
 
 
 def _task_timed_out(definition: Definition, state: Saga, fact: TaskTimedOut) -> Decision:
-    """An attempt ran past ``timeout_s``: its ``timeout_policy`` says what happens."""
+    """An attempt ran past ``timeout_s``: its ``timeout_policy`` says what happens.
+
+    While the workflow is PAUSED the firing is only noted on the attempt and `_resume`
+    applies the policy: the resume's time cannot be trusted to be past ``timeout_at``
+    (a conductor's clock against the server's), the firing itself can.
+    """
     cause = fact_id(fact)
     record = next((t for t in state.tasks if t.ref == fact.ref), None)
     node = node_of(definition, fact.ref)
     if record is None or record.attempt != fact.attempt or node is None:
         return Decision(state, ())
-    if record.status not in _WAITING or state.status != "RUNNING" or record.retry_at is not None:
+    if not _may_time_out(record) or record.timeout_fired or state.status in TERMINAL:
         return Decision(state, commands_caused_by(definition, state, cause))
-    task = node.task
-    if not isinstance(task, SimpleTask):
+    if not isinstance(node.task, SimpleTask):
         return Decision(state, ())
     draft = _Draft(definition, state, fact.at, cause)
+    if state.status == "PAUSED":
+        draft.put(msgspec.structs.replace(record, timeout_fired=True))
+    else:
+        _time_out(draft, record, node.task)
+    return _decided(definition, draft)
+
+
+def _may_time_out(record: TaskRecord) -> bool:
+    """The attempt is dispatched and waiting, and no timeout policy has acted on it yet.
+
+    A retry in its backoff has no timeout yet; an ALERT_ONLY alert is kept as the
+    attempt's ``error``, which a waiting attempt otherwise never has.
+    """
+    return record.status in _WAITING and record.retry_at is None and record.error is None
+
+
+def _time_out(draft: _Draft, record: TaskRecord, task: SimpleTask) -> None:
+    """Apply ``task.timeout_policy`` to ``record``, an attempt past its ``timeout_s``."""
     message = (
-        f"task {fact.ref!r} attempt {fact.attempt} ran past its timeout_s ({task.timeout_s} s)"
+        f"task {record.ref!r} attempt {record.attempt} ran past its timeout_s ({task.timeout_s} s)"
     )
-    error = Failure(type="timed_out", message=message, retryable=True, task=fact.ref)
+    error = Failure(type="timed_out", message=message, retryable=True, task=record.ref)
     if task.timeout_policy == "ALERT_ONLY":
         # Keep waiting; the saga shows the alert until the result comes.
-        draft.put(msgspec.structs.replace(record, error=error))
-        return _decided(definition, draft)
-    timed_out = msgspec.structs.replace(record, status="TIMED_OUT", error=error, ended_at=fact.at)
+        draft.put(msgspec.structs.replace(record, error=error, timeout_fired=False))
+        return
+    timed_out = msgspec.structs.replace(
+        record, status="TIMED_OUT", error=error, ended_at=draft.at, timeout_fired=False
+    )
     if task.timeout_policy == "RETRY" and record.attempt <= task.retry.count:
         draft.put(
             _next_attempt(timed_out, draft, _backoff_s(task.retry, record.attempt), task.timeout_s)
@@ -611,7 +636,6 @@ def _task_timed_out(definition: Definition, state: Saga, fact: TaskTimedOut) -> 
     else:
         draft.put(timed_out)
         _fail_workflow(draft, "TIMED_OUT", error)
-    return _decided(definition, draft)
 
 
 def _workflow_timed_out(definition: Definition, state: Saga, fact: WorkflowTimedOut) -> Decision:
@@ -640,7 +664,12 @@ def _pause(definition: Definition, state: Saga, fact: PauseRequested) -> Decisio
 
 
 def _resume(definition: Definition, state: Saga, fact: ResumeRequested) -> Decision:
-    """Go on from every task that finished while paused, and dispatch the retries now due."""
+    """Go on from where the paused workflow got to.
+
+    First what fell due while it was paused: retries whose backoff is over are
+    dispatched, timeouts that fired (or whose time has passed) get their policy, as
+    they would have had it running. Then on from every task that finished meanwhile.
+    """
     if state.status != "PAUSED":
         return _refused(
             state,
@@ -649,9 +678,24 @@ def _resume(definition: Definition, state: Saga, fact: ResumeRequested) -> Decis
         )
     draft = _Draft(definition, state, fact.at, fact_id(fact))
     draft.status = "RUNNING"
-    for record in list(draft.tasks.values()):
+    for record in state.tasks:
         if record.retry_at is not None and record.retry_at <= fact.at:
             draft.put(msgspec.structs.replace(record, retry_at=None, cause=draft.cause))
+    for record in state.tasks:
+        due = record.timeout_fired or (
+            record.timeout_at is not None and record.timeout_at <= fact.at
+        )
+        node = node_of(definition, record.ref)
+        if (
+            due
+            and _may_time_out(record)
+            and draft.running
+            # Not already canceled by an earlier timeout's end of the workflow.
+            and draft.tasks[record.ref] is record
+            and node is not None
+            and isinstance(node.task, SimpleTask)
+        ):
+            _time_out(draft, record, node.task)
     deferred, draft.deferred = draft.deferred, []
     for ref in deferred:
         _finish_task(draft, ref)

@@ -165,6 +165,8 @@ class TaskRecord(msgspec.Struct, frozen=True, kw_only=True):
     retry_at: str | None = None
     # When this attempt times out (the task's timeout_s from its dispatch).
     timeout_at: str | None = None
+    # Its timeout fired while the workflow was PAUSED: the policy applies at resume.
+    timeout_fired: bool = False
     # The attempts before this one, oldest first.
     history: list[Attempt] = []
 
