@@ -40,13 +40,12 @@ class Stack:
         self.logs = logs
         self.processes: list[ServiceProcess] = []
 
-    def start(self, name: str, **env: str) -> ServiceProcess:
+    def start(self, name: str, module: str = "", **env: str) -> ServiceProcess:
+        """Start service ``name`` (``services.<name>``, or ``module`` run as it)."""
         index = sum(p.name == name for p in self.processes)
-        argv = (
-            [sys.executable, "-m", "tests.faults.counter_agent"]
-            if name == "faults"
-            else [sys.executable, "-m", f"services.{name}"]
-        )
+        if name.startswith("faults"):
+            module = "tests.faults.counter_agent"
+        argv = [sys.executable, "-m", module or f"services.{name}"]
         process = ServiceProcess(
             name, self.nats_url, self.logs / f"{name}-{index}.log", {**ENV, **env}, ROOT, argv
         ).start()
@@ -71,11 +70,11 @@ async def stack(nats_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
         services.stop()
 
 
-async def register_faults(nc: Client) -> None:
-    """Register the `faults` definition (after the agent is up: it checks the task)."""
-    reply = await call(nc, "conductor.definitions.register", DEFINITION)
+async def register_faults(nc: Client, definition: dict[str, Any] = DEFINITION) -> None:
+    """Register a fault-suite definition (after its agents are up: it checks the tasks)."""
+    reply = await call(nc, "conductor.definitions.register", definition)
     assert "Nats-Service-Error-Code" not in (reply.headers or {}), reply.data
-    assert msgspec.json.decode(reply.data) == {"name": "faults", "version": 1}
+    assert msgspec.json.decode(reply.data) == {"name": definition["name"], "version": 1}
 
 
 @pytest.fixture

@@ -8,12 +8,18 @@ reads the attempt from the saga (the conductor writes the saga before it dispatc
 
 ``FAULTS_SLOW_MS`` makes each run sleep that long *before* its effect, so a crash during
 the sleep leaves no effect behind (the redelivered run records the only one).
+
+It also serves ``faults.undo`` (a compensation, counted the same way). With
+``FAULTS_SERVE=risky`` it is instead the ``faults-risky`` agent serving ``faults.risky``:
+counted like a step, except that a request with ``poison: true`` SIGKILLs the agent
+before any effect, every time it is delivered (a poison message).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 
 import msgspec
 from nats.aio.client import Client
@@ -33,6 +39,12 @@ class StepRequest(msgspec.Struct, frozen=True):
 
 class StepResult(msgspec.Struct, frozen=True):
     ok: bool
+
+
+class RiskyRequest(msgspec.Struct, frozen=True):
+    workflow_id: str
+    ref: str
+    poison: bool = False
 
 
 class _Effects:
@@ -104,10 +116,29 @@ async def step(req: StepRequest) -> StepResult:
     return StepResult(ok=True)
 
 
+async def undo(req: StepRequest) -> StepResult:
+    """A compensation: one counted effect per run, like a step."""
+    return await step(req)
+
+
+async def risky(req: RiskyRequest) -> StepResult:
+    """A step, unless the request is poison: then the agent dies on it, every delivery."""
+    if req.poison:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return await step(StepRequest(workflow_id=req.workflow_id, ref=req.ref))
+
+
 def main() -> None:
+    if os.environ.get("FAULTS_SERVE") == "risky":
+        run_agent(
+            "faults-risky",
+            [task("faults.risky", risky)],
+            description="Fault-suite agent that dies on a poison request",
+        )
+        return
     run_agent(
         "faults",
-        [task("faults.step", step)],
+        [task("faults.step", step), task("faults.undo", undo)],
         description="Fault-suite agent: counts its side effects",
     )
 

@@ -7,9 +7,13 @@ EVENTS, and computes:
 * lost: accepted, but no saga, a terminal saga that is not COMPLETED, or a COMPLETED
   one without its event or without a step's effect;
 * duplicated: a counter > 1 for a (workflow, ref, attempt), more than one event for a
-  workflow, or a step run under more than one attempt (no fault here should cause a
-  retry: the definition has none);
+  workflow, or a step run under more than one attempt (unless the scenario's fault is
+  one that retries, and every earlier attempt failed for that reason);
 * stuck: a saga not terminal at the deadline.
+
+A scenario may expect some workflows to FAIL (a poison task): those must end FAILED with
+the expected error, their compensation must have run exactly once, and the steps after
+the failure must not have run; a compensation in any other workflow is a duplicate.
 
 Lost and stuck are disjoint; the bar for all three is zero.
 """
@@ -60,6 +64,54 @@ DEFINITION: dict[str, Any] = {
 }
 
 
+def _variant(name: str, description: str, **step: Any) -> dict[str, Any]:
+    """`DEFINITION` under another name, with ``step``'s fields added to every step."""
+    tasks = [{**t, **step} if t["ref"] in STEPS else t for t in DEFINITION["tasks"]]
+    return {**DEFINITION, "name": name, "description": description, "tasks": tasks}
+
+
+# Each step under a 1.5 s heartbeat bound, retried at once when an agent goes silent.
+HEARTBEAT = _variant(
+    "faults_rt",
+    "Three counted steps under a heartbeat (fault suite)",
+    response_timeout_s=1.5,
+    retry={"count": 3, "logic": "FIXED", "delay_s": 0},
+)
+
+# Step two is served by an agent that dies on a poison request; step one has a
+# compensation, which runs when step two is given up on.
+UNDO = "undo_one"
+SAGA: dict[str, Any] = {
+    "name": "faults_saga",
+    "version": 1,
+    "description": "A compensated step, a risky step that may be poison (fault suite)",
+    "input": {"poison": "bool"},
+    "tasks": [
+        {
+            **DEFINITION["tasks"][0],
+            "compensate": {
+                "ref": UNDO,
+                "type": "SIMPLE",
+                "task": "faults.undo",
+                "input": {"workflow_id": "${workflow.id}", "ref": UNDO},
+            },
+        },
+        {
+            "ref": "two",
+            "type": "SIMPLE",
+            "task": "faults.risky",
+            "input": {
+                "workflow_id": "${workflow.id}",
+                "ref": "two",
+                "poison": "${workflow.input.poison}",
+            },
+        },
+        *DEFINITION["tasks"][2:],
+    ],
+    "output": DEFINITION["output"],
+}
+
+
 @dataclasses.dataclass
 class Verdict:
     lost: list[str] = dataclasses.field(default_factory=list)
@@ -96,14 +148,21 @@ async def _bucket(js: JetStreamContext, bucket: str) -> dict[str, bytes]:
 class History:
     """Accepted starts for one scenario, and the check of what came of them."""
 
-    def __init__(self, nc: Client, prefix: str) -> None:
+    def __init__(self, nc: Client, prefix: str, workflow: str = "faults") -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.prefix = prefix
+        self.workflow = workflow
         self.accepted: list[str] = []
         self.unanswered: list[str] = []  # no reply: indeterminate, not counted as accepted
+        # Workflows expected to end FAILED, with the error type they must fail with.
+        self.failing: dict[str, str] = {}
+        # Error types of earlier attempts that the scenario's fault legitimately causes.
+        self.retry_causes: frozenset[str] = frozenset()
 
-    async def start(self, count: int, concurrency: int = 64, timeout: float = 10.0) -> None:
+    async def start(
+        self, count: int, concurrency: int = 64, timeout: float = 10.0, data: bytes = b"{}"
+    ) -> None:
         """Start ``count`` workflows ``<prefix>-<n>``; log those whose start got a reply."""
         gate = asyncio.Semaphore(concurrency)
 
@@ -111,8 +170,8 @@ class History:
             async with gate:
                 try:
                     reply = await self.nc.request(
-                        "conductor.start.faults",
-                        b"{}",
+                        f"conductor.start.{self.workflow}",
+                        data,
                         timeout=timeout,
                         headers={"Workflow-Id": workflow_id},
                     )
@@ -125,6 +184,11 @@ class History:
 
         base = len(self.accepted) + len(self.unanswered)
         await asyncio.gather(*(one(f"{self.prefix}-{base + i:05d}") for i in range(count)))
+
+    @property
+    def completing(self) -> list[str]:
+        """The accepted workflows expected to complete (and publish their event)."""
+        return [w for w in self.accepted if w not in self.failing]
 
     async def wait(self, timeout: float = 60.0) -> None:
         """Until every accepted workflow is terminal and has its event, or ``timeout``."""
@@ -144,7 +208,7 @@ class History:
         # write and the publish): the redelivered result publishes it.
         while loop.time() < deadline:
             info = await self.js.stream_info(EVENTS, subjects_filter=DONE)
-            if (info.state.messages or 0) >= len(self.accepted):
+            if (info.state.messages or 0) >= len(self.completing):
                 break
             await asyncio.sleep(0.25)
 
@@ -192,6 +256,8 @@ class History:
                     f"{t.get('ref')}={t.get('status')}" for t in state.get("tasks", [])
                 )
                 verdict.stuck.append(f"{workflow_id}: {state['status']} [{tasks}]")
+            elif workflow_id in self.failing:
+                self._failed_as_expected(verdict, workflow_id, state, effects)
             elif state["status"] != "COMPLETED":
                 verdict.lost.append(f"{workflow_id}: {state['status']} {state.get('error')}")
             elif events[workflow_id] == 0:
@@ -201,6 +267,21 @@ class History:
                     key = f"{workflow_id}.{record.get('ref')}.{record.get('attempt')}"
                     if record.get("ref") in STEPS and key not in effects:
                         verdict.lost.append(f"{key}: COMPLETED without its effect")
+
+    def _failed_as_expected(
+        self, verdict: Verdict, workflow_id: str, state: Any, effects: dict[str, bytes]
+    ) -> None:
+        """A workflow the fault must fail: failed so, compensated once, went no further."""
+        errors = {(t.get("error") or {}).get("type") for t in state.get("tasks", [])}
+        if state["status"] != "FAILED" or self.failing[workflow_id] not in errors:
+            verdict.lost.append(f"{workflow_id}: {state['status']} {errors}, not FAILED")
+        undone = sum(int(v) for k, v in effects.items() if k.startswith(f"{workflow_id}.{UNDO}."))
+        if undone == 0:
+            verdict.lost.append(f"{workflow_id}: FAILED without its compensation")
+        elif undone > 1:
+            verdict.duplicated.append(f"{workflow_id}: compensated x{undone}")
+        if any(k.startswith(f"{workflow_id}.three.") for k in effects):
+            verdict.duplicated.append(f"{workflow_id}: ran a step after the failure")
 
     def _duplicates(
         self,
@@ -219,10 +300,20 @@ class History:
             if str(workflow_id).startswith(f"{self.prefix}-") and count > 1:
                 verdict.duplicated.append(f"event {workflow_id} x{count}")
         for workflow_id, state in sagas.items():
+            if workflow_id not in self.failing and any(
+                k.startswith(f"{workflow_id}.{UNDO}.") for k in effects
+            ):
+                verdict.duplicated.append(f"{workflow_id}: compensated without a failure")
             for record in state.get("tasks", []):
+                earlier = record.get("history") or []
+                causes = {(h.get("error") or {}).get("type") for h in earlier}
                 if record.get("ref") in STEPS and (
-                    record.get("attempt", 1) != 1 or record.get("history")
+                    record.get("attempt", 1) != len(earlier) + 1 or not causes <= self.retry_causes
                 ):
                     verdict.duplicated.append(
-                        f"{workflow_id}.{record['ref']} attempt {record.get('attempt')}"
+                        f"{workflow_id}.{record['ref']} attempt {record.get('attempt')} {causes}"
                     )
+                for abandoned in earlier:  # an attempt given up on must have had no effect
+                    key = f"{workflow_id}.{record.get('ref')}.{abandoned.get('attempt')}"
+                    if record.get("ref") in STEPS and key in effects:
+                        verdict.duplicated.append(f"effect {key} of an abandoned attempt")

@@ -118,9 +118,7 @@ async def test_a_slow_agent_that_renews_is_not_timed_out(nc, js, settings, condu
     )
 
 
-async def test_a_queued_task_is_not_timed_out_before_an_agent_takes_it(
-    nc, js, settings, conductor
-):
+async def test_a_queued_task_is_not_timed_out_before_an_agent_takes_it(nc, js, settings, conductor):
     await call(nc, "conductor.start.heartbeat", {"seconds": 0.1}, {"Workflow-Id": "hb-2"})
     await asyncio.sleep(3.0)  # three response timeouts with no agent at all
     assert body(await call(nc, "conductor.get.hb-2"))["tasks"][0]["attempt"] == 1
