@@ -569,18 +569,23 @@ def _retry_due(definition: Definition, state: Saga, fact: RetryDue) -> Decision:
     if state.status != "RUNNING":
         return Decision(state, ())
     draft = _Draft(definition, state, fact.at, cause)
-    node = node_of(definition, fact.ref)
+    _dispatch_retry(draft, record)
+    return _decided(definition, draft)
+
+
+def _dispatch_retry(draft: _Draft, record: TaskRecord) -> None:
+    """A retry's backoff is over: dispatch it now, its timeout running from now."""
+    node = node_of(draft.definition, record.ref)
     timeout_s = node.task.timeout_s if node and isinstance(node.task, SimpleTask) else None
     draft.put(
         msgspec.structs.replace(
             record,
             retry_at=None,
-            cause=cause,
-            scheduled_at=fact.at,  # dispatched now, its backoff over
-            timeout_at=_deadline(fact.at, timeout_s),
+            cause=draft.cause,
+            scheduled_at=draft.at,
+            timeout_at=_deadline(draft.at, timeout_s),
         )
     )
-    return _decided(definition, draft)
 
 
 def _task_timed_out(definition: Definition, state: Saga, fact: TaskTimedOut) -> Decision:
@@ -680,7 +685,7 @@ def _resume(definition: Definition, state: Saga, fact: ResumeRequested) -> Decis
     draft.status = "RUNNING"
     for record in state.tasks:
         if record.retry_at is not None and record.retry_at <= fact.at:
-            draft.put(msgspec.structs.replace(record, retry_at=None, cause=draft.cause))
+            _dispatch_retry(draft, record)
     for record in state.tasks:
         due = record.timeout_fired or (
             record.timeout_at is not None and record.timeout_at <= fact.at

@@ -230,3 +230,22 @@ def test_a_result_that_came_while_paused_is_not_timed_out_at_resume():
     assert resumed.state is not None and resumed.state.status == "RUNNING"
     assert task_a(resumed.state).status == "COMPLETED"
     assert [c.ref for c in resumed.commands if isinstance(c, RunTask)] == ["b"]
+
+
+def test_a_retry_dispatched_at_resume_gets_its_timeout():
+    d = timed("RETRY", retry=1, delay_s=2)
+    state = decide(d, None, Started(workflow_id="w", workflow="r", version=1, input={}, at=T0))
+    backing_off = fired(d, state.state).state  # attempt 2 waits for 10:00:07
+    held = decide(d, backing_off, PauseRequested(workflow_id="w", at="2026-11-23T10:00:06.000Z"))
+    resumed = resume(d, held.state)
+    a = task_a(resumed.state)
+    assert (a.attempt, a.retry_at, a.scheduled_at, a.timeout_at) == (
+        2,
+        None,
+        RESUMED_AT,
+        "2026-11-23T10:00:14.000Z",
+    )
+    assert [(type(c).__name__, c.attempt) for c in resumed.commands] == [
+        ("RunTask", 2),
+        ("ScheduleTimer", 2),
+    ]
