@@ -10,7 +10,15 @@ import asyncio
 import os
 from pathlib import Path
 
-from kapellmeister import Conductor, Registry, Settings, connect, load_definitions, run_service
+from kapellmeister import (
+    Conductor,
+    Registry,
+    Settings,
+    connect,
+    disconnect,
+    load_definitions,
+    run_service,
+)
 
 DEFINITIONS = Path(__file__).parent / "definitions"
 
@@ -27,7 +35,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     await conductor.start(nc)
     await stop.wait()
     await conductor.stop()
-    await nc.drain()
+    await disconnect(nc)
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from kapellmeister.config import Settings
 from kapellmeister.definitions import load_definitions
 from kapellmeister.errors import BadRequest, TaskError
 from kapellmeister.registry import Registry
-from kapellmeister.runtime import connect, run_service
+from kapellmeister.runtime import connect, disconnect, run_service
 
 __all__ = [
     "BadRequest",
@@ -19,6 +19,7 @@ __all__ = [
     "TaskError",
     "TaskSpec",
     "connect",
+    "disconnect",
     "load_definitions",
     "run_agent",
     "run_service",

@@ -55,7 +55,7 @@ from kapellmeister.errors import BadRequest, TaskError
 from kapellmeister.lease import LEASES, Lease, lease_key
 from kapellmeister.messages import Failure, Json, TaskRequest, TaskResult
 from kapellmeister.micro import add_endpoint, error_detail
-from kapellmeister.runtime import connect, run_service, utc_now
+from kapellmeister.runtime import connect, disconnect, run_service, utc_now
 from kapellmeister.topology import TASKS, ensure_buckets, ensure_consumer, ensure_streams
 
 __all__ = ["Agent", "Handler", "TaskRegistration", "TaskSpec", "run_agent", "task"]
@@ -410,6 +410,6 @@ def run_agent(
         await agent.start(nc)
         await stop.wait()
         await agent.stop()
-        await nc.drain()
+        await disconnect(nc)
 
     run_service(name, main)

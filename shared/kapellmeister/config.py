@@ -43,6 +43,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     sweep_interval_s: float = 30.0
     # The sweeper leaves workflows updated in the last few seconds to their writer.
     sweep_grace_s: float = 5.0
+    # After SIGTERM, how long a service may take to finish what runs and drain before it
+    # exits anyway (unfinished work is redelivered); under docker stop's 10 s.
+    shutdown_s: float = 8.0
     # Extra directories of definition files the conductor loads (os.pathsep-separated).
     definitions: str = ""
     # The directory the demo keeps its embedded server's JetStream data in.

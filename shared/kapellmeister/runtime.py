@@ -15,13 +15,14 @@ import sys
 from collections.abc import Awaitable, Callable
 
 import nats
+import nats.errors
 from nats.aio.client import Client
 
 from kapellmeister.config import Settings
 from kapellmeister.messages import utc_text
 from kapellmeister.tracing import setup_tracing
 
-__all__ = ["ServiceMain", "connect", "run_service", "utc_now"]
+__all__ = ["ServiceMain", "connect", "disconnect", "run_service", "utc_now"]
 
 log = logging.getLogger("kapellmeister")
 
@@ -58,9 +59,30 @@ async def connect(settings: Settings, name: str) -> Client:
     return nc
 
 
+async def disconnect(nc: Client) -> None:
+    """Drain ``nc`` (flush what is buffered, then close); just close it if NATS is away."""
+    try:
+        await nc.drain()
+    except (nats.errors.ConnectionReconnectingError, nats.errors.ConnectionClosedError):
+        try:
+            await nc.close()
+        except (RuntimeError, OSError) as exc:  # its transport is gone already
+            log.info("NATS connection closed without a goodbye: %s", exc)
+
+
 def utc_now() -> str:
     """Now, as the RFC 3339 UTC text the saga state uses."""
     return utc_text(datetime.datetime.now(datetime.UTC))
+
+
+async def _bounded(name: str, service: asyncio.Task[None], seconds: float) -> None:
+    """Give a stopping service ``seconds`` to finish and drain (a drain waits on NATS,
+    which may be down); then cancel it: what it had not acked is redelivered."""
+    done, _ = await asyncio.wait({service}, timeout=seconds)
+    if not done:
+        log.warning("%s: not stopped after %.0f s (NATS unreachable?): exiting", name, seconds)
+        service.cancel()
+        await asyncio.gather(service, return_exceptions=True)
 
 
 def run_service(name: str, main: ServiceMain, settings: Settings | None = None) -> None:
@@ -78,7 +100,14 @@ def run_service(name: str, main: ServiceMain, settings: Settings | None = None) 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await main(settings, stop)
+        service = asyncio.create_task(main(settings, stop))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({service, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not service.done():
+            await _bounded(name, service, settings.shutdown_s)
+        if not service.cancelled():
+            service.result()
 
     try:
         import uvloop
