@@ -12,7 +12,8 @@ import datetime
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import nats
 import nats.errors
@@ -26,7 +27,7 @@ __all__ = ["ServiceMain", "connect", "disconnect", "run_service", "utc_now"]
 
 log = logging.getLogger("kapellmeister")
 
-ServiceMain = Callable[[Settings, asyncio.Event], Awaitable[None]]
+ServiceMain = Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]]
 
 
 async def connect(settings: Settings, name: str) -> Client:
