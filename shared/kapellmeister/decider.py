@@ -806,9 +806,17 @@ def _signal(definition: Definition, state: Saga, fact: SignalReceived) -> Decisi
 def _terminate(definition: Definition, state: Saga, fact: TerminateRequested) -> Decision:
     if state.status in TERMINAL:
         return _refused(state, 409, f"workflow {state.workflow_id} is {state.status}")
+    if fact.compensate and state.compensating is not None:
+        # Already undoing what it did; cutting that short is what compensate=false is for.
+        return _refused(
+            state,
+            409,
+            f"workflow {state.workflow_id} is already compensating, to end "
+            f"{state.compensating.status}; terminate without compensate to stop it now",
+        )
     draft = _Draft(definition, state, fact.at, fact_id(fact))
     error = Failure(type="terminated", message=fact.reason or "terminated")
-    if fact.compensate and state.compensating is None:
+    if fact.compensate:
         _fail_workflow(draft, "TERMINATED", error)
     else:
         draft.finish("TERMINATED", None, error)

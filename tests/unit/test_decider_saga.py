@@ -143,6 +143,24 @@ def test_terminate_without_compensation_ends_at_once():
     assert runs(ended) == []
 
 
+def test_terminate_with_compensation_of_a_workflow_already_undoing_is_refused():
+    """Its compensations finish and it ends as it was going to (a parent's end asks this)."""
+    d = trip()
+    undoing = decide(
+        d, booked(d), TaskFailed(workflow_id="w", ref="pay", attempt=1, error=BOOM, at=T[3])
+    ).state
+    refused = decide(
+        d,
+        undoing,
+        TerminateRequested(workflow_id="w", reason="trip off", compensate=True, at=T[4]),
+    )
+    assert refused.state is undoing and refused.commands == ()
+    assert refused.refusal is not None and refused.refusal.code == 409
+    assert "already compensating, to end FAILED" in refused.refusal.message
+    stopped = decide(d, undoing, TerminateRequested(workflow_id="w", reason="stop", at=T[4]))
+    assert stopped.state is not None and stopped.state.status == "TERMINATED"
+
+
 def test_nothing_to_undo_fails_at_once():
     d = trip()
     state = decide(
