@@ -230,14 +230,12 @@ class _Api:
 
     async def _request_fact(self, fact: Fact) -> bytes:
         """Apply a fact a request states; reply with the saga state after it."""
-        conductor = self.conductor
-        decision = await conductor.apply(fact)
+        decision = await self.conductor.request(fact)
         if decision.state is None:
             raise WorkflowNotFound(f"no workflow with id {fact.workflow_id!r}")
         if decision.refusal is not None:
             error = NotFound if decision.refusal.code == 404 else Conflict
             raise error(decision.refusal.message)
-        await conductor.publish_request(decision.state, decision.commands)
         return _encode(decision.state)
 
 

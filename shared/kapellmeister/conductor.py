@@ -40,7 +40,14 @@ from kapellmeister.api import serve_api
 from kapellmeister.config import Settings
 from kapellmeister.consumer import PullWorker
 from kapellmeister.deadletter import dead_letter, record_dead_letter
-from kapellmeister.decider import Decision, commands_caused_by, decide, node_of, task_msg_id
+from kapellmeister.decider import (
+    Decision,
+    commands_caused_by,
+    decide,
+    node_of,
+    task_msg_id,
+    terminate_child,
+)
 from kapellmeister.errors import KapellmeisterError
 from kapellmeister.lease import LEASES, Look, cancel_if_silent, lease_key, look
 from kapellmeister.messages import (
@@ -49,6 +56,7 @@ from kapellmeister.messages import (
     Fact,
     Failure,
     NotifyParent,
+    ParentLink,
     PublishEvent,
     RetryDue,
     RunTask,
@@ -61,6 +69,8 @@ from kapellmeister.messages import (
     TaskRequest,
     TaskResult,
     TaskTimedOut,
+    TerminateRequested,
+    TerminateWorkflow,
     WorkflowTimedOut,
     utc_shift,
     utc_text,
@@ -274,6 +284,17 @@ class Conductor:
                     worker=f"workflow/{command.child}",
                 )
                 await self._publish_result(result, headers)
+            case TerminateWorkflow():
+                # The child's own saga step: its end terminates its children in turn.
+                await self.request(
+                    TerminateRequested(
+                        workflow_id=command.workflow_id,
+                        reason=command.reason,
+                        compensate=command.compensate,
+                        at=utc_now(),
+                    ),
+                    trace,
+                )
 
     async def _publish_result(self, result: TaskResult, headers: Mapping[str, str]) -> None:
         """A result the conductor states itself (a child's end, a refusal, a poison task)."""
@@ -292,6 +313,17 @@ class Conductor:
         if created or decision.state.status not in TERMINAL:
             await self.publish_request(decision.state, decision.commands, trace)
         return decision.state
+
+    async def request(self, fact: Fact, trace: Mapping[str, str] | None = None) -> Decision:
+        """Apply a fact a request states (a signal, a terminate, …) and publish its commands.
+
+        A refused fact (its ``refusal`` set) or one for a workflow that does not exist
+        changes and publishes nothing; the caller decides what that means.
+        """
+        decision = await self.apply(fact)
+        if decision.state is not None and decision.refusal is None:
+            await self.publish_request(decision.state, decision.commands, trace)
+        return decision
 
     async def publish_request(
         self, state: Saga, commands: tuple[Command, ...], trace: Mapping[str, str] | None = None
@@ -351,7 +383,26 @@ class Conductor:
             traceparent=traceparent,
             parent=parent,
         )
-        await self.start_workflow(fact, trace)
+        child = await self.start_workflow(fact, trace)
+        if parent is not None and child.status not in TERMINAL:
+            await self._end_if_abandoned(parent, trace)
+
+    async def _end_if_abandoned(self, parent: ParentLink, trace: Mapping[str, str]) -> None:
+        """Terminate a child just started if its parent canceled the task meanwhile.
+
+        The parent's end may have looked for the child just before another replica
+        created it. Reading the parent after the create closes that race: whichever
+        comes second, the parent's end or this read, sees the other.
+        """
+        state = (await self.store.load(parent.workflow_id, fresh=True)).state
+        if state is None:
+            return
+        record = next((t for t in state.tasks if t.ref == parent.ref), None)
+        if record is None or record.attempt != parent.attempt:
+            return
+        command = terminate_child(record)
+        if command is not None:
+            await self.publish(state, (command,), trace)
 
     # --- facts from the RESULTS stream --------------------------------------------------------
 

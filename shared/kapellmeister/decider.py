@@ -11,6 +11,11 @@ caused" (`commands_caused_by`). So a fact applied a second time, after a crash b
 the KV write and the publish, gives back the same state and the same commands, and
 message-id dedupe drops the copies downstream.
 
+A workflow that ends, or stops waiting (its compensations begin), cancels what still
+waits. A canceled SUB_WORKFLOW attempt keeps ``child_terminated``: the canceling fact's
+commands then include a `TerminateWorkflow` for its child, which the runtime applies as
+the child's own terminate, so the ending runs down the tree.
+
 The walk: `_run` starts a task; tasks that finish inside the decision (SWITCH, EVENT,
 SET_VARIABLE, JOIN, TERMINATE) go straight on with `_finish_task`, which follows the
 task's `After`: the next task, the end of a FORK branch (the FORK completes once every
@@ -45,6 +50,7 @@ from kapellmeister.expressions import Json, switch_key
 from kapellmeister.messages import (
     TERMINAL,
     Attempt,
+    ChildTermination,
     Command,
     Compensating,
     Fact,
@@ -70,6 +76,7 @@ from kapellmeister.messages import (
     TaskStatus,
     TaskTimedOut,
     TerminateRequested,
+    TerminateWorkflow,
     WorkflowStatus,
     WorkflowTimedOut,
     utc_shift,
@@ -84,6 +91,7 @@ __all__ = [
     "fact_id",
     "node_of",
     "task_msg_id",
+    "terminate_child",
 ]
 
 START: Final = "start"
@@ -195,6 +203,15 @@ def commands_caused_by(definition: Definition, state: Saga, cause: str) -> tuple
     """Every command the fact ``cause`` produced, derived from the state it left."""
     commands: list[Command] = []
     for record in state.tasks:
+        # The fact that canceled an attempt terminates its child; so does the one that
+        # started it, whose redelivery may be the first to find the child in existence.
+        ending = record.child_terminated
+        if (
+            ending is not None
+            and cause in {ending.by, record.cause}
+            and (terminate := terminate_child(record)) is not None
+        ):
+            commands.append(terminate)
         if record.cause != cause:
             continue
         node = node_of(definition, record.ref)
@@ -242,6 +259,19 @@ def commands_caused_by(definition: Definition, state: Saga, cause: str) -> tuple
             )
         )
     return tuple(commands)
+
+
+def terminate_child(record: TaskRecord) -> TerminateWorkflow | None:
+    """The command that ends the child of a SUB_WORKFLOW attempt its parent canceled."""
+    ending = record.child_terminated
+    if ending is None or record.child is None:
+        return None
+    return TerminateWorkflow(
+        msg_id=f"{record.child}:terminated-by-parent",
+        workflow_id=record.child,
+        reason=ending.reason,
+        compensate=ending.compensate,
+    )
 
 
 def _timer(
@@ -384,14 +414,31 @@ class _Draft:
         return record
 
     def finish(self, status: WorkflowStatus, output: Json, error: Failure | None = None) -> None:
-        """End the workflow; whatever was still waiting is CANCELED."""
+        """End the workflow; whatever was still waiting is CANCELED, children terminated."""
         self.status, self.output, self.error, self.ended_by = status, output, error, self.cause
-        self.cancel_waiting()
+        self.cancel_waiting(status, error, compensate=False)
 
-    def cancel_waiting(self) -> None:
+    def cancel_waiting(
+        self, status: WorkflowStatus, error: Failure | None, *, compensate: bool
+    ) -> None:
+        """Cancel what still waits, the workflow being on its way to end ``status``.
+
+        A SUB_WORKFLOW's child still running is terminated with it, and undoes its own
+        completed tasks when this workflow undoes its own (``compensate``).
+        """
+        why = f"{status}: {error.message}" if error is not None else status
+        reason = f"terminated with its parent workflow {self.state.workflow_id} ({why})"
         for record in list(self.tasks.values()):
-            if record.status in _WAITING:
-                self.put(msgspec.structs.replace(record, status="CANCELED", ended_at=self.at))
+            if record.status not in _WAITING:
+                continue
+            ending = None
+            if record.child is not None:
+                ending = ChildTermination(by=self.cause, reason=reason, compensate=compensate)
+            self.put(
+                msgspec.structs.replace(
+                    record, status="CANCELED", ended_at=self.at, child_terminated=ending
+                )
+            )
 
     def freeze(self) -> Saga:
         return msgspec.structs.replace(
@@ -555,6 +602,7 @@ def _next_attempt(
         retry_at=retry_at,
         timeout_at=None if retry_at else _deadline(draft.at, timeout_s),
         timeout_fired=False,
+        child_terminated=None,
         history=[*failed.history, earlier],
     )
 
@@ -740,6 +788,7 @@ def _rerun(definition: Definition, state: Saga, fact: RerunRequested) -> Decisio
                     branches_done=None,
                     retry_at=None,
                     timeout_at=None,
+                    child_terminated=None,
                 )
             )
     _run(draft, fact.task)
@@ -968,7 +1017,7 @@ def _fail_workflow(draft: _Draft, status: WorkflowStatus, error: Failure) -> Non
         and node.task.compensate is not None
         and node.task.compensate.ref not in draft.tasks
     ]
-    draft.cancel_waiting()
+    draft.cancel_waiting(status, error, compensate=True)
     if not pending:
         draft.finish(status, None, error)
         return

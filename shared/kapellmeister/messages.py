@@ -23,6 +23,7 @@ from kapellmeister.expressions import Json
 
 __all__ = [
     "RerunRequested",
+    "ChildTermination",
     "Compensating",
     "ResumeRequested",
     "PauseRequested",
@@ -32,6 +33,7 @@ __all__ = [
     "RetryDue",
     "Attempt",
     "TerminateRequested",
+    "TerminateWorkflow",
     "StartWorkflow",
     "SignalReceived",
     "ScheduleTimer",
@@ -137,6 +139,19 @@ class Attempt(msgspec.Struct, frozen=True, kw_only=True):
     worker: str = ""
 
 
+class ChildTermination(msgspec.Struct, frozen=True, kw_only=True):
+    """A SUB_WORKFLOW attempt its parent stopped waiting for: its child is terminated too.
+
+    ``by`` is the parent's fact that canceled the attempt; that fact's commands carry the
+    termination (`TerminateWorkflow`). ``compensate`` when the parent undoes its own
+    completed tasks, so the child undoes its own as well.
+    """
+
+    by: str
+    reason: str
+    compensate: bool = False
+
+
 class TaskRecord(msgspec.Struct, frozen=True, kw_only=True):
     """One task of a workflow as it ran: readable in ``nats kv get workflows <id>``.
 
@@ -159,6 +174,8 @@ class TaskRecord(msgspec.Struct, frozen=True, kw_only=True):
     worker: str = ""
     # A SUB_WORKFLOW's child workflow id.
     child: str | None = None
+    # Set when the parent canceled this attempt while its child still ran.
+    child_terminated: ChildTermination | None = None
     # A FORK's finished branches (static) or items (dynamic), by index.
     branches_done: list[int] | None = None
     # When this attempt is a retry waiting for its backoff, when that ends.
@@ -415,7 +432,22 @@ class NotifyParent(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     error: Failure | None = None
 
 
-Command = RunTask | PublishEvent | ScheduleTimer | StartWorkflow | NotifyParent
+class TerminateWorkflow(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Terminate a child workflow whose parent ended (or stopped waiting for it).
+
+    Not a message: the runtime applies it as the child's `TerminateRequested`, the way
+    ``conductor.terminate.<workflow_id>`` does. ``msg_id`` is as deterministic as every
+    command's, but a repeat is made harmless by the child's state: once it has ended, it
+    refuses the request.
+    """
+
+    msg_id: str
+    workflow_id: str
+    reason: str
+    compensate: bool = False
+
+
+Command = RunTask | PublishEvent | ScheduleTimer | StartWorkflow | NotifyParent | TerminateWorkflow
 
 
 class Refusal(msgspec.Struct, frozen=True):
