@@ -14,7 +14,9 @@ A crash between any two steps is safe: before 3 nothing happened; between 3 and 
 fact is redelivered, the decider recognises it and gives back the same commands, and
 JetStream drops the duplicate publishes. A start request that crashed after 3 is
 re-driven by the sweeper, which republishes the dispatch of every task still SCHEDULED
-in a non-terminal workflow updated within the dedupe window.
+in a non-terminal workflow. Past the 10-minute dedupe window a copy would be stored, so
+a replay or a re-drive of an older saga publishes only what `kapellmeister.recovery`
+finds missing.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 import msgspec
 import nats.errors
@@ -75,11 +77,11 @@ from kapellmeister.messages import (
     utc_shift,
     utc_text,
 )
+from kapellmeister.recovery import Recovery, is_old, server_now
 from kapellmeister.registry import DefinitionStore, Registry
 from kapellmeister.runtime import utc_now
 from kapellmeister.store import CasConflict, SagaStore, Versioned
 from kapellmeister.topology import (
-    DEDUPE_WINDOW_S,
     RESULTS,
     TASKS,
     ensure_buckets,
@@ -103,6 +105,7 @@ class Conductor:
         self.registry = registry
         self.version = version
         self.conflicts = 0
+        self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._store: SagaStore | None = None
         self._definitions: DefinitionStore | None = None
@@ -123,6 +126,11 @@ class Conductor:
         return self._js
 
     @property
+    def nc(self) -> Client:
+        assert self._nc is not None, "start() first"
+        return self._nc
+
+    @property
     def leases(self) -> KeyValue:
         assert self._leases is not None, "start() first"
         return self._leases
@@ -140,7 +148,7 @@ class Conductor:
     async def start(self, nc: Client) -> None:
         """Create what is missing, then serve requests, consume results and sweep."""
         settings = self.settings
-        self._js = nc.jetstream()
+        self._nc, self._js = nc, nc.jetstream()
         await ensure_streams(self._js, settings.replicas)
         buckets = await ensure_buckets(self._js, settings.replicas)
         self._store = SagaStore(buckets["workflows"])
@@ -311,7 +319,7 @@ class Conductor:
         decision, created = await self._apply(fact)
         assert decision.state is not None
         if created or decision.state.status not in TERMINAL:
-            await self.publish_request(decision.state, decision.commands, trace)
+            await self.publish_request(decision.state, decision.commands, trace, replay=not created)
         return decision.state
 
     async def request(self, fact: Fact, trace: Mapping[str, str] | None = None) -> Decision:
@@ -320,18 +328,63 @@ class Conductor:
         A refused fact (its ``refusal`` set) or one for a workflow that does not exist
         changes and publishes nothing; the caller decides what that means.
         """
-        decision = await self.apply(fact)
+        decision, wrote = await self._apply(fact)
         if decision.state is not None and decision.refusal is None:
-            await self.publish_request(decision.state, decision.commands, trace)
+            await self.publish_request(decision.state, decision.commands, trace, replay=not wrote)
         return decision
 
     async def publish_request(
-        self, state: Saga, commands: tuple[Command, ...], trace: Mapping[str, str] | None = None
+        self,
+        state: Saga,
+        commands: tuple[Command, ...],
+        trace: Mapping[str, str] | None = None,
+        *,
+        replay: bool = False,
     ) -> None:
         """Publish what a request-driven fact decided, then clear its `unpublished` mark."""
-        await self.publish(state, commands, trace)
+        await self.publish_decided(state, commands, trace, replay=replay)
         if state.unpublished:
             await self.mark_published(state)
+
+    async def publish_decided(
+        self,
+        state: Saga,
+        commands: tuple[Command, ...],
+        trace: Mapping[str, str] | None = None,
+        *,
+        replay: bool,
+        applying: int | None = None,
+    ) -> None:
+        """Publish a decision's commands; for a ``replay`` (a fact already applied, whose
+        commands went out once already, most likely) past the dedupe window, only those
+        `kapellmeister.recovery` finds missing. ``applying``: the fact's RESULTS sequence."""
+        if replay and commands and is_old(state, await server_now(self.nc)):
+            commands = await self._missing(state, commands, Recovery(self.js), applying)
+        await self.publish(state, commands, trace)
+
+    async def _missing(
+        self,
+        state: Saga,
+        commands: tuple[Command, ...],
+        recovery: Recovery,
+        applying: int | None = None,
+    ) -> tuple[Command, ...]:
+        """The recovery's three steps: stored? a result waiting? the saga moved meanwhile?"""
+        before = await self.store.load(state.workflow_id, fresh=True)
+        if before.state is None or before.state.updated_at != state.updated_at:
+            return ()  # it moved on already: whoever moved it published what it decided
+        missing = await recovery.missing(state, commands, applying)
+        if missing and (await self.store.load(state.workflow_id, fresh=True)).revision != (
+            before.revision
+        ):
+            return ()
+        if missing:
+            log.warning(
+                "%s: republishing %d commands lost past the dedupe window",
+                state.workflow_id,
+                len(missing),
+            )
+        return tuple(missing)
 
     async def mark_published(self, state: Saga) -> None:
         """Clear ``unpublished`` once its commands are stored (CAS; later facts keep theirs)."""
@@ -426,9 +479,15 @@ class Conductor:
             "task.attempt": result.attempt,
         }
         with tracing.step("conductor decide", msg.headers, SpanKind.CONSUMER, attributes) as trace:
-            decision = await self.apply(_fact(result, at))
+            decision, wrote = await self._apply(_fact(result, at))
             if decision.state is not None:
-                await self.publish(decision.state, decision.commands, trace)
+                await self.publish_decided(
+                    decision.state,
+                    decision.commands,
+                    trace,
+                    replay=not wrote,
+                    applying=msg.metadata.sequence.stream,
+                )
         await msg.ack()
 
     async def _on_max_deliveries(self, msg: Msg) -> None:
@@ -526,14 +585,16 @@ class Conductor:
         """Republish what a crash between a KV write and its publish may have lost.
 
         A fact from a stream is redelivered after such a crash; a request (a start, a
-        signal, a terminate) is not. So for every workflow updated within the dedupe
-        window, the sweeper republishes the dispatch of each task still waiting and the
-        commands of its last fact if a request caused it. Within the window a republish
-        is certainly dropped as a duplicate if the first one went out. Returns how many
-        workflows were re-driven.
+        signal, a terminate) is not, and a server crash can lose a stored publish. So
+        for every running workflow (and every finished one still marked `unpublished`)
+        the sweeper republishes the dispatch of each task still waiting and the commands
+        of its last fact if a request caused it. Within the dedupe window a republish is
+        dropped as a duplicate if the first one went out; past it, only what
+        `kapellmeister.recovery` finds missing is republished. Each workflow is looked at
+        again with doubling gaps while it does not change. Returns how many workflows
+        were re-driven.
         """
-        now = utc_now()
-        oldest = utc_shift(now, -DEDUPE_WINDOW_S * 0.8)
+        now = await server_now(self.nc)
         # Leave alone what was written in the last few seconds: its writer is most likely
         # publishing right now, and a republish would only be a duplicate to drop.
         newest = utc_shift(now, -self.settings.sweep_grace_s)
@@ -541,9 +602,9 @@ class Conductor:
         recent = {
             head.workflow_id: head.updated_at
             async for head in self.store.scan(_SweepHead)
-            if oldest <= head.updated_at <= newest
-            and (head.status not in TERMINAL or head.unpublished)
+            if head.updated_at <= newest and (head.status not in TERMINAL or head.unpublished)
         }
+        recovery = Recovery(self.js)  # one scan per subject for the whole sweep
         self._redriven = {k: v for k, v in self._redriven.items() if recent.get(k) == v.updated_at}
         clock = asyncio.get_running_loop().time()
         for workflow_id in recent:
@@ -560,6 +621,8 @@ class Conductor:
             commands = tuple(
                 c for cause in sorted(causes) for c in commands_caused_by(definition, state, cause)
             )
+            if commands and is_old(state, now):
+                commands = await self._missing(state, commands, recovery)
             if commands:
                 await self.publish(state, commands)
                 count += 1
@@ -568,7 +631,7 @@ class Conductor:
             times = (
                 last.times + 1 if last is not None and last.updated_at == state.updated_at else 1
             )
-            gap = self.settings.sweep_interval_s * 2**times
+            gap = self.settings.sweep_interval_s * min(2**times, _MAX_GAP)
             self._redriven[workflow_id] = _Redrive(state.updated_at, times, clock + gap)
         return count
 
@@ -581,6 +644,11 @@ class Conductor:
             except (TimeoutError, nats.errors.Error) as exc:
                 log.warning("sweep failed: %s", exc)
             await asyncio.sleep(self.settings.sweep_interval_s)
+
+
+# The sweeper's gap between two looks at an unchanged workflow grows to this many
+# intervals at most (a workflow waiting days on an approval is looked at twice an hour).
+_MAX_GAP: Final = 64
 
 
 class _MaxDeliveries(msgspec.Struct, frozen=True):

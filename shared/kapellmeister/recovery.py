@@ -39,6 +39,7 @@ from kapellmeister.messages import (
     Saga,
     ScheduleTimer,
     StartWorkflow,
+    TerminateWorkflow,
     utc_shift,
     utc_text,
 )
@@ -78,25 +79,43 @@ class Recovery:
         self.js = js
         self._ids: dict[tuple[str, str], set[str]] = {}
 
-    async def missing(self, state: Saga, commands: Sequence[Command]) -> list[Command]:
-        """Steps 1 and 2: the commands not found stored, none if a result is waiting."""
+    async def missing(
+        self, state: Saga, commands: Sequence[Command], applying: int | None = None
+    ) -> list[Command]:
+        """Steps 1 and 2: the commands not found stored, none if a result is waiting.
+
+        ``applying`` is the RESULTS sequence of the fact being applied now, if any: it
+        waits on ``results.<workflow_id>`` until acked, and does not count.
+        """
         found: list[Command] = []
         for command in commands:
             where = _where(command)
             if where is None or command.msg_id not in await self.stored(*where):
                 found.append(command)
-        if found and await self.stored(RESULTS, f"results.{state.workflow_id}", fresh=True):
+        if found and await self._waiting(f"results.{state.workflow_id}", applying):
             return []
         return found
 
-    async def stored(self, stream: str, subject: str, *, fresh: bool = False) -> set[str]:
+    async def _waiting(self, subject: str, applying: int | None) -> bool:
+        """Whether a message other than ``applying`` is stored on ``subject`` in RESULTS."""
+        seq = 1
+        while True:
+            try:
+                msg = await self.js.get_msg(RESULTS, seq=seq, subject=subject, next=True)
+            except NotFoundError:
+                return False
+            if msg.seq != applying:
+                return True
+            seq = (msg.seq or seq) + 1
+
+    async def stored(self, stream: str, subject: str) -> set[str]:
         """The ``Nats-Msg-Id`` of every message stored in ``stream`` on ``subject``.
 
         Direct gets, one message after the other: they work on work-queue streams, where
         a second consumer on an agent's subject is not allowed. Remembered for this pass.
         """
         key = (stream, subject)
-        if key in self._ids and not fresh:
+        if key in self._ids:
             return self._ids[key]
         ids: set[str] = set()
         seq = 1
@@ -123,6 +142,6 @@ def _where(command: Command) -> tuple[str, str] | None:
             return RESULTS, f"timers.{where}.{command.purpose}"
         case NotifyParent():
             return RESULTS, f"results.{command.parent.workflow_id}"
-        case StartWorkflow():
-            return None
+        case StartWorkflow() | TerminateWorkflow():
+            return None  # idempotent by the workflow's id and state
     return None  # pragma: no cover - every command type is matched

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+
 import msgspec
 
 from kapellmeister.messages import (
@@ -12,10 +15,12 @@ from kapellmeister.messages import (
     Saga,
     ScheduleTimer,
     StartWorkflow,
+    TaskResult,
     utc_shift,
 )
 from kapellmeister.recovery import MARGIN_S, Recovery, is_old, server_now
 from kapellmeister.topology import ensure_streams
+from tests.support import body, call, stream_messages
 
 WF = "rc-1"
 
@@ -101,3 +106,89 @@ async def test_nothing_is_missing_while_a_result_waits(nc, js):
     await js.publish(f"results.{WF}", b"{}", headers={"Nats-Msg-Id": f"{WF}:a:1:result"})
     missing = await Recovery(js).missing(saga("2026-01-01T00:00:00Z"), [run_task(f"{WF}:a:1")])
     assert missing == []
+
+
+# --- the conductor past the window ---------------------------------------------------------
+
+FREE = {"user": "ann", "datetime": "2026-11-21T12:00:00"}
+
+
+async def age(js, workflow_id: str, seconds: float = 3600) -> None:
+    """Move the saga's last write ``seconds`` into the past, as if it sat that long."""
+    kv = await js.key_value("workflows")
+    entry = await kv.get(workflow_id)
+    state = msgspec.json.decode(entry.value or b"", type=Saga)
+    old = msgspec.structs.replace(state, updated_at=utc_shift(state.updated_at, -seconds))
+    await kv.update(workflow_id, msgspec.json.encode(old), last=entry.revision)
+
+
+async def short_dedupe_window(js) -> None:
+    """Shrink TASKS' dedupe window to 0.5 s, so a test can wait it out as a user waits out
+    ten minutes: after it, a republished message is stored again."""
+    config = (await js.stream_info("TASKS")).config
+    await js.update_stream(dataclasses.replace(config, duplicate_window=0.5))
+
+
+async def task_ids(js, subject: str) -> list[str]:
+    return sorted(
+        (m.headers or {}).get("Nats-Msg-Id", "")
+        for m in await stream_messages(js, "TASKS", subject)
+    )
+
+
+async def test_the_sweeper_redrives_an_old_workflow_only_if_its_dispatch_is_lost(nc, js, conductor):
+    await short_dedupe_window(js)
+    for workflow_id in ("old-kept", "old-lost"):
+        await call(nc, "conductor.start.plan_day", FREE, {"Workflow-Id": workflow_id})
+    assert await task_ids(js, "tasks.agenda.activity") == ["old-kept:agenda:1", "old-lost:agenda:1"]
+    for workflow_id in ("old-kept", "old-lost"):
+        await age(js, workflow_id)
+    [lost] = [
+        m
+        for m in await stream_messages(js, "TASKS", "tasks.agenda.activity")
+        if (m.headers or {}).get("Nats-Msg-Id") == "old-lost:agenda:1"
+    ]
+    await js.delete_msg("TASKS", lost.seq)  # a dispatch a server crash lost, an hour ago
+    await asyncio.sleep(1.0)  # past the (shrunk) dedupe window
+    await conductor.sweep()
+    # The stored dispatch was not copied; the lost one came back, under its own id.
+    assert await task_ids(js, "tasks.agenda.activity") == ["old-kept:agenda:1", "old-lost:agenda:1"]
+
+
+async def test_a_fact_replayed_past_the_window_republishes_only_what_is_lost(nc, js, conductor):
+    await short_dedupe_window(js)
+    await call(nc, "conductor.start.plan_day", FREE, {"Workflow-Id": "late"})
+    result = TaskResult(
+        workflow_id="late", ref="agenda", attempt=1, status="COMPLETED", output={"activity": "free"}
+    )
+    await js.publish("results.late", msgspec.json.encode(result), headers={"Nats-Msg-Id": "r1"})
+    for _ in range(100):
+        if await task_ids(js, "tasks.weather.report"):
+            break
+        await asyncio.sleep(0.05)
+    assert await task_ids(js, "tasks.weather.report") == ["late:weather:1"]
+    await age(js, "late")
+    await asyncio.sleep(1.0)  # past the (shrunk) dedupe window
+    # The same result again, an hour on (a redelivery after a long outage): the weather
+    # dispatch it decided is still stored, so nothing is copied.
+    await js.publish("results.late", msgspec.json.encode(result), headers={"Nats-Msg-Id": "r2"})
+    await drained(js)
+    assert await task_ids(js, "tasks.weather.report") == ["late:weather:1"]
+    # Once that dispatch is lost, the next replay brings it back.
+    [weather] = await stream_messages(js, "TASKS", "tasks.weather.report")
+    await js.delete_msg("TASKS", weather.seq)
+    await asyncio.sleep(1.0)
+    await js.publish("results.late", msgspec.json.encode(result), headers={"Nats-Msg-Id": "r3"})
+    await drained(js)
+    assert await task_ids(js, "tasks.weather.report") == ["late:weather:1"]
+    state = body(await call(nc, "conductor.get.late"))
+    assert [t["ref"] for t in state["tasks"]] == ["agenda", "is_free", "weather"]
+
+
+async def drained(js) -> None:
+    """Until the conductor has taken every result (RESULTS is a work queue)."""
+    for _ in range(200):
+        if not (await js.stream_info("RESULTS", subjects_filter="results.>")).state.messages:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)  # and acted on the last one
