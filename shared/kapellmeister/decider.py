@@ -601,6 +601,7 @@ def _next_attempt(
         cause=draft.cause,
         retry_at=retry_at,
         timeout_at=None if retry_at else _deadline(draft.at, timeout_s),
+        retry_fired=False,
         timeout_fired=False,
         child_terminated=None,
         history=[*failed.history, earlier],
@@ -608,16 +609,26 @@ def _next_attempt(
 
 
 def _retry_due(definition: Definition, state: Saga, fact: RetryDue) -> Decision:
+    """A retry's backoff timer fired: dispatch the attempt.
+
+    While the workflow is PAUSED the firing is only noted on the attempt and `_resume`
+    dispatches it: the resume's time cannot be trusted to be past ``retry_at`` (a
+    conductor's clock against the server's), the firing itself can.
+    """
     cause = fact_id(fact)
     record = next((t for t in state.tasks if t.ref == fact.ref), None)
     if record is None or record.attempt != fact.attempt or record.status != "SCHEDULED":
         return Decision(state, ())  # a timer for an attempt that is gone
     if record.retry_at is None:
         return Decision(state, commands_caused_by(definition, state, cause))  # redelivery
-    if state.status != "RUNNING":
-        return Decision(state, ())
     draft = _Draft(definition, state, fact.at, cause)
-    _dispatch_retry(draft, record)
+    if state.status == "RUNNING":
+        _dispatch_retry(draft, record)
+    elif state.status == "PAUSED" and not record.retry_fired:
+        # The attempt keeps its ``cause``, so the note (and its redelivery) has no commands.
+        draft.put(msgspec.structs.replace(record, retry_fired=True))
+    else:
+        return Decision(state, ())  # noted already, or the workflow is over
     return _decided(definition, draft)
 
 
@@ -629,6 +640,7 @@ def _dispatch_retry(draft: _Draft, record: TaskRecord) -> None:
         msgspec.structs.replace(
             record,
             retry_at=None,
+            retry_fired=False,
             cause=draft.cause,
             scheduled_at=draft.at,
             timeout_at=_deadline(draft.at, timeout_s),
@@ -719,9 +731,11 @@ def _pause(definition: Definition, state: Saga, fact: PauseRequested) -> Decisio
 def _resume(definition: Definition, state: Saga, fact: ResumeRequested) -> Decision:
     """Go on from where the paused workflow got to.
 
-    First what fell due while it was paused: retries whose backoff is over are
-    dispatched, timeouts that fired (or whose time has passed) get their policy, as
-    they would have had it running. Then on from every task that finished meanwhile.
+    First what fell due while it was paused: retries whose backoff timer fired (or
+    whose time has passed) are dispatched, timeouts that fired (or whose time has
+    passed) get their policy, as they would have had it running. Then on from every
+    task that finished meanwhile. A firing is trusted over the resume's time, which
+    comes from a conductor's clock that may run behind the server's.
     """
     if state.status != "PAUSED":
         return _refused(
@@ -732,7 +746,7 @@ def _resume(definition: Definition, state: Saga, fact: ResumeRequested) -> Decis
     draft = _Draft(definition, state, fact.at, fact_id(fact))
     draft.status = "RUNNING"
     for record in state.tasks:
-        if record.retry_at is not None and record.retry_at <= fact.at:
+        if record.retry_at is not None and (record.retry_fired or record.retry_at <= fact.at):
             _dispatch_retry(draft, record)
     for record in state.tasks:
         due = record.timeout_fired or (
@@ -787,6 +801,7 @@ def _rerun(definition: Definition, state: Saga, fact: RerunRequested) -> Decisio
                     history=[*record.history, earlier],
                     branches_done=None,
                     retry_at=None,
+                    retry_fired=False,
                     timeout_at=None,
                     child_terminated=None,
                 )

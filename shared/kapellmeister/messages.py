@@ -180,6 +180,8 @@ class TaskRecord(msgspec.Struct, frozen=True, kw_only=True):
     branches_done: list[int] | None = None
     # When this attempt is a retry waiting for its backoff, when that ends.
     retry_at: str | None = None
+    # Its backoff timer fired while the workflow was PAUSED: it is dispatched at resume.
+    retry_fired: bool = False
     # When this attempt times out (the task's timeout_s from its dispatch).
     timeout_at: str | None = None
     # Its timeout fired while the workflow was PAUSED: the policy applies at resume.
