@@ -2,8 +2,8 @@
 
 ``FAULTS_CRASH_AT`` says where the process SIGKILLs itself, as a power cut would:
 
-* ``after-write:N``: right after the Nth task result's saga write landed (compare-and-set
-  done), before publishing what was decided;
+* ``after-write:N``: right after the Nth saga write of a fact other than a start landed
+  (compare-and-set done), before publishing what was decided;
 * ``after-publish:N``: right before the Nth ack of a task result, so after its commands
   were published (the conductor acks nothing but RESULTS messages).
 
@@ -20,7 +20,7 @@ from nats.aio.msg import Msg
 
 from kapellmeister.conductor import Conductor
 from kapellmeister.decider import Decision
-from kapellmeister.messages import Fact
+from kapellmeister.messages import Fact, Started
 from services.conductor.__main__ import main
 
 
@@ -41,14 +41,15 @@ def plant(where: str) -> None:
     point, _, count = where.partition(":")
     tick = _countdown(int(count))
     if point == "after-write":
+        apply = Conductor._apply
 
-        async def apply_then_crash(self: Conductor, fact: Fact) -> Decision:
-            decision, wrote = await self._apply(fact)
-            if wrote:
+        async def apply_then_crash(self: Conductor, fact: Fact) -> tuple[Decision, bool]:
+            decision, wrote = await apply(self, fact)
+            if wrote and not isinstance(fact, Started):  # starts stay answered
                 tick()
-            return decision
+            return decision, wrote
 
-        Conductor.apply = apply_then_crash  # type: ignore[method-assign]
+        Conductor._apply = apply_then_crash  # type: ignore[method-assign]
     elif point == "after-publish":
         ack = Msg.ack
 
