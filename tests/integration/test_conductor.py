@@ -234,6 +234,10 @@ async def test_two_conductors_racing_on_one_fact_write_once(js, two_conductors):
 
 async def test_a_stale_cache_costs_a_conflict_never_a_lost_fact(js, two_conductors):
     one, two = two_conductors
+    # Their sweepers would reload the saga (refreshing the cache this test keeps stale).
+    for conductor in two_conductors:
+        assert conductor._sweeper is not None
+        conductor._sweeper.cancel()
     await one.apply(
         Started(
             workflow_id="stale",
