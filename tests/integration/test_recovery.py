@@ -8,6 +8,7 @@ import dataclasses
 import msgspec
 
 from kapellmeister.messages import (
+    Command,
     NotifyParent,
     ParentLink,
     PublishEvent,
@@ -96,7 +97,16 @@ async def test_what_is_stored_is_not_missing(nc, js):
         status="COMPLETED",
         output=None,
     )
-    commands = [stored_task, lost_task, stored_event, lost_event, timer, lost_timer, child, notify]
+    commands: list[Command] = [
+        stored_task,
+        lost_task,
+        stored_event,
+        lost_event,
+        timer,
+        lost_timer,
+        child,
+        notify,
+    ]
     missing = await Recovery(js).missing(saga("2026-01-01T00:00:00Z"), commands)
     assert missing == [lost_task, lost_event, lost_timer, child, notify]
 

@@ -227,11 +227,13 @@ def test_the_terminated_child_reports_to_its_parent_and_terminates_its_own_child
     """What the runtime does with a `TerminateWorkflow`: the child's TerminateRequested."""
     link = ParentLink(workflow_id="p", ref="kid", attempt=1)
     child = start(CHILD, "p-kid-1", parent=link)
-    child = decide(
+    waited = decide(
         CHILD,
         child,
         TaskCompleted(workflow_id="p-kid-1", ref="wait", attempt=1, output={}, at=T[1]),
     ).state
+    assert waited is not None
+    child = waited
     assert child is not None and kid(child).child == "p-kid-1-kid-1"
     reason = "terminated with its parent workflow p (TERMINATED: budget cut)"
     ended = decide(CHILD, child, TerminateRequested(workflow_id="p-kid-1", reason=reason, at=T[2]))
