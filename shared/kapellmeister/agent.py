@@ -54,9 +54,16 @@ from kapellmeister.definitions import RetryPolicy
 from kapellmeister.errors import BadRequest, TaskError
 from kapellmeister.lease import LEASES, Lease, lease_key
 from kapellmeister.messages import Failure, Json, TaskRequest, TaskResult
+from kapellmeister.metrics import metrics
 from kapellmeister.micro import add_endpoint, error_detail
 from kapellmeister.runtime import connect, disconnect, run_service, utc_now
-from kapellmeister.topology import TASKS, ensure_buckets, ensure_consumer, ensure_streams
+from kapellmeister.topology import (
+    TASKS,
+    consumer_name,
+    ensure_buckets,
+    ensure_consumer,
+    ensure_streams,
+)
 
 __all__ = ["Agent", "Handler", "TaskRegistration", "TaskSpec", "run_agent", "task"]
 
@@ -230,11 +237,20 @@ class Agent:
         return f"{self.name}/{self._service.id if self._service else '?'}"
 
     def _direct(self, spec: TaskSpec[Any, Any]) -> Callable[[Request], Awaitable[bytes]]:
-        attributes = {"messaging.system": "nats", "messaging.destination.name": spec.name}
+        attributes = {
+            "messaging.system": "nats",
+            "messaging.destination.name": spec.name,
+            "messaging.operation.type": "process",
+        }
 
         async def handle(request: Request) -> bytes:
-            with tracing.step(f"{spec.name} process", request.headers, SpanKind.SERVER, attributes):
-                return await spec.call(request.data)
+            name = f"process {spec.name}"
+            with tracing.span(name, SpanKind.SERVER, attributes, request.headers):
+                try:
+                    return await spec.call(request.data)
+                except Exception as exc:
+                    tracing.record_error(exc)
+                    raise
 
         return handle
 
@@ -266,14 +282,15 @@ class Agent:
             "messaging.system": "nats",
             "messaging.destination.name": msg.subject,
             "messaging.operation.type": "process",
+            "messaging.message.id": (msg.headers or {}).get("Nats-Msg-Id", ""),
+            "messaging.consumer.group.name": consumer_name(msg.subject),
             "workflow.id": request.workflow_id,
             "workflow.name": request.workflow,
             "task.ref": request.ref,
             "task.attempt": request.attempt,
         }
-        with tracing.step(
-            f"{spec.name} process", msg.headers, SpanKind.CONSUMER, attributes
-        ) as trace:
+        name = f"process {msg.subject}"
+        with tracing.span(name, SpanKind.CONSUMER, attributes, msg.headers) as trace:
             result = TaskResult(
                 workflow_id=request.workflow_id,
                 ref=request.ref,
@@ -283,11 +300,15 @@ class Agent:
                 worker=self.worker_id,
             )
             self._working[id(msg)] = msg
+            clock = asyncio.get_running_loop().time
+            began, outcome = clock(), "failed"
             try:
                 # Raw embeds the handler's encoded result as it is, without a decode.
                 encoded = await self._call(spec, request, lease)
                 result = msgspec.structs.replace(result, output=typing.cast(Json, encoded))
+                outcome = "completed"
             except _Cancelled:
+                outcome = "cancelled"
                 log.warning(
                     "%s %s: attempt %d cancelled while running",
                     spec.name,
@@ -312,6 +333,10 @@ class Agent:
                 result = msgspec.structs.replace(result, status="FAILED", error=failure)
             finally:
                 self._working.pop(id(msg), None)
+                seconds = clock() - began
+                metrics().handler_duration.record(
+                    seconds, {"task.name": spec.name, "outcome": outcome}
+                )
             await self._reply(msg, result, trace)
             if lease is not None:
                 await lease.release()
@@ -381,11 +406,18 @@ class Agent:
         msg_id = (msg.headers or {}).get("Nats-Msg-Id") or (
             f"{result.workflow_id}:{result.ref}:{result.attempt}"
         )
-        headers = {**trace, "Nats-Msg-Id": f"{msg_id}:result"}
+        attributes: dict[str, str | int] = {
+            "messaging.message.id": f"{msg_id}:result",
+            "workflow.id": result.workflow_id,
+            "task.ref": result.ref,
+            "task.attempt": result.attempt,
+        }
         try:
-            await self._js.publish(
-                f"results.{result.workflow_id}", _encode(result), headers=headers
-            )
+            with tracing.producer("results.{workflow_id}", attributes, trace) as sent:
+                headers = {**sent, "Nats-Msg-Id": f"{msg_id}:result"}
+                await self._js.publish(
+                    f"results.{result.workflow_id}", _encode(result), headers=headers
+                )
         except (TimeoutError, nats.errors.Error) as exc:
             # Not stored, so not acked: the task comes back and its result is published then.
             log.warning("result of %s not published (%s); will be redelivered", msg_id, exc)

@@ -136,16 +136,19 @@ class _Api:
             raise BadRequest(
                 "Workflow-Id must be 1-128 of A-Z a-z 0-9 _ = - (it is used in subjects)"
             )
-        with tracing.tracer().start_as_current_span(
-            f"workflow {name}",
-            context=tracing.extract(headers),
-            kind=SpanKind.SERVER,
-            attributes={
-                "messaging.system": "nats",
-                "workflow.id": workflow_id,
-                "workflow.name": name,
-            },
-        ):
+        attributes = {
+            "messaging.system": "nats",
+            "messaging.destination.name": request.subject,
+            "messaging.operation.type": "process",
+            "workflow.id": workflow_id,
+            "workflow.name": definition.name,
+        }
+        # The workflow's root span: its context, kept in the saga, is the trace's root.
+        with tracing.span(
+            f"workflow {definition.name}", SpanKind.SERVER, attributes, headers
+        ) as root:
+            if not tracing.exporting():  # no span: the root context is made by hand
+                root = {"traceparent": tracing.new_traceparent(headers)}
             fact = Started(
                 workflow_id=workflow_id,
                 workflow=definition.name,
@@ -153,10 +156,10 @@ class _Api:
                 input=data,
                 at=utc_now(),
                 tenant=headers.get("Tenant", ""),
-                trace_id=tracing.current_trace_id(),
-                traceparent=tracing.inject({}).get("traceparent", ""),
+                trace_id=tracing.trace_id_of(root["traceparent"]),
+                traceparent=root["traceparent"],
             )
-            state = await self.conductor.start_workflow(fact, tracing.inject({}))
+            state = await self.conductor.start_workflow(fact, root)
         return _encode(StartReply(workflow_id=state.workflow_id, status=state.status))
 
     async def get(self, request: Request) -> bytes:
@@ -182,39 +185,40 @@ class _Api:
         workflow_id, ref = _workflow_id(request), _token(request, 3)
         output = _decode_json(request.data or b"{}")
         return await self._request_fact(
-            SignalReceived(workflow_id=workflow_id, ref=ref, output=output, at=utc_now())
+            request, SignalReceived(workflow_id=workflow_id, ref=ref, output=output, at=utc_now())
         )
 
     async def terminate(self, request: Request) -> bytes:
         body = _decode_terminate(request.data or b"{}")
         return await self._request_fact(
+            request,
             TerminateRequested(
                 workflow_id=_workflow_id(request),
                 reason=body.reason,
                 compensate=body.compensate,
                 at=utc_now(),
-            )
+            ),
         )
 
     async def retry(self, request: Request) -> bytes:
         return await self._request_fact(
-            RetryRequested(workflow_id=_workflow_id(request), at=utc_now())
+            request, RetryRequested(workflow_id=_workflow_id(request), at=utc_now())
         )
 
     async def rerun(self, request: Request) -> bytes:
         body = _decode_rerun(request.data or b"")
         return await self._request_fact(
-            RerunRequested(workflow_id=_workflow_id(request), task=body.task, at=utc_now())
+            request, RerunRequested(workflow_id=_workflow_id(request), task=body.task, at=utc_now())
         )
 
     async def pause(self, request: Request) -> bytes:
         return await self._request_fact(
-            PauseRequested(workflow_id=_workflow_id(request), at=utc_now())
+            request, PauseRequested(workflow_id=_workflow_id(request), at=utc_now())
         )
 
     async def resume(self, request: Request) -> bytes:
         return await self._request_fact(
-            ResumeRequested(workflow_id=_workflow_id(request), at=utc_now())
+            request, ResumeRequested(workflow_id=_workflow_id(request), at=utc_now())
         )
 
     async def register(self, request: Request) -> bytes:
@@ -228,9 +232,10 @@ class _Api:
     async def definitions(self, request: Request) -> bytes:
         return _encode(self.conductor.definitions.summaries())
 
-    async def _request_fact(self, fact: Fact) -> bytes:
+    async def _request_fact(self, request: Request, fact: Fact) -> bytes:
         """Apply a fact a request states; reply with the saga state after it."""
-        decision = await self.conductor.request(fact)
+        operation = request.subject.split(".")[1]
+        decision = await self.conductor.request(fact, caller=request.headers, operation=operation)
         if decision.state is None:
             raise WorkflowNotFound(f"no workflow with id {fact.workflow_id!r}")
         if decision.refusal is not None:

@@ -22,6 +22,7 @@ finds missing.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Mapping
@@ -77,11 +78,13 @@ from kapellmeister.messages import (
     utc_shift,
     utc_text,
 )
+from kapellmeister.metrics import metrics
 from kapellmeister.recovery import Recovery, is_old, server_now
 from kapellmeister.registry import DefinitionStore, Registry
 from kapellmeister.runtime import utc_now
 from kapellmeister.store import CasConflict, SagaStore, Versioned
 from kapellmeister.topology import (
+    DEADLETTERS,
     RESULTS,
     TASKS,
     ensure_buckets,
@@ -222,8 +225,10 @@ class Conductor:
                 await self.store.save(decision.state, loaded.revision)
             except CasConflict:
                 self.conflicts += 1
+                metrics().conflicts.add(1)
                 fresh = True
                 continue
+            metrics().saga_written(state, decision.state)
             return decision, True
 
     async def publish(
@@ -238,9 +243,23 @@ class Conductor:
             return
         if trace is None:
             trace = {"traceparent": state.traceparent} if state.traceparent else {}
-        await asyncio.gather(*(self._publish_one(c, trace) for c in commands))
+        await asyncio.gather(*(self._publish_one(c, trace, state) for c in commands))
 
-    async def _publish_one(self, command: Command, trace: Mapping[str, str]) -> None:
+    async def _publish_one(self, command: Command, trace: Mapping[str, str], state: Saga) -> None:
+        destination = _destination(command)
+        if destination is None:  # a step of its own, with its own span
+            await self._publish_command(command, trace)
+            return
+        attributes: dict[str, str | int] = {
+            "messaging.message.id": command.msg_id,
+            "workflow.id": state.workflow_id,
+            "workflow.name": state.workflow,
+            **_about(command),
+        }
+        with tracing.producer(destination, attributes, trace) as sent:
+            await self._publish_command(command, sent)
+
+    async def _publish_command(self, command: Command, trace: Mapping[str, str]) -> None:
         headers = {**trace, "Nats-Msg-Id": command.msg_id}
         match command:
             case RunTask():
@@ -322,15 +341,40 @@ class Conductor:
             await self.publish_request(decision.state, decision.commands, trace, replay=not created)
         return decision.state
 
-    async def request(self, fact: Fact, trace: Mapping[str, str] | None = None) -> Decision:
+    async def request(
+        self,
+        fact: Fact,
+        trace: Mapping[str, str] | None = None,
+        *,
+        caller: Mapping[str, str] | None = None,
+        operation: str = "terminate",
+    ) -> Decision:
         """Apply a fact a request states (a signal, a terminate, …) and publish its commands.
 
-        A refused fact (its ``refusal`` set) or one for a workflow that does not exist
-        changes and publishes nothing; the caller decides what that means.
+        Its span is a child of ``trace`` or else of the workflow's root context (from the
+        saga), linked to the ``caller``'s context. A refused fact (its ``refusal`` set) or
+        one for a workflow that does not exist changes and publishes nothing; the caller
+        decides what that means.
         """
-        decision, wrote = await self._apply(fact)
-        if decision.state is not None and decision.refusal is None:
-            await self.publish_request(decision.state, decision.commands, trace, replay=not wrote)
+        known = (await self.store.load(fact.workflow_id)).state
+        if trace is None:
+            trace = {"traceparent": known.traceparent} if known and known.traceparent else {}
+        attributes: dict[str, str | int] = {
+            "messaging.system": "nats",
+            "messaging.operation.type": "process",
+            "workflow.id": fact.workflow_id,
+            "workflow.name": known.workflow if known else "",
+        }
+        with tracing.span(
+            f"{operation} workflow", SpanKind.SERVER, attributes, trace, caller
+        ) as sent:
+            decision, wrote = await self._apply(fact)
+            if decision.state is not None and decision.refusal is None:
+                await self.publish_request(
+                    decision.state, decision.commands, sent, replay=not wrote
+                )
+            elif decision.refusal is not None:
+                tracing.set_error(decision.refusal.message)
         return decision
 
     async def publish_request(
@@ -474,12 +518,20 @@ class Conductor:
         attributes: dict[str, str | int] = {
             "messaging.system": "nats",
             "messaging.destination.name": msg.subject,
+            "messaging.destination.template": "results.{workflow_id}",
+            "messaging.operation.type": "process",
+            "messaging.message.id": (msg.headers or {}).get("Nats-Msg-Id", ""),
+            "messaging.consumer.group.name": self._worker.durable if self._worker else "",
             "workflow.id": result.workflow_id,
             "task.ref": result.ref,
             "task.attempt": result.attempt,
         }
-        with tracing.step("conductor decide", msg.headers, SpanKind.CONSUMER, attributes) as trace:
+        name = "process results.{workflow_id}"
+        with tracing.span(name, SpanKind.CONSUMER, attributes, msg.headers) as trace:
             decision, wrote = await self._apply(_fact(result, at))
+            if wrote and decision.state is not None and decision.state.status in _FAILED:
+                error = decision.state.error
+                tracing.set_error(error.message if error else decision.state.status)
             if decision.state is not None:
                 await self.publish_decided(
                     decision.state,
@@ -599,11 +651,16 @@ class Conductor:
         # publishing right now, and a republish would only be a duplicate to drop.
         newest = utc_shift(now, -self.settings.sweep_grace_s)
         count = 0
-        recent = {
-            head.workflow_id: head.updated_at
-            async for head in self.store.scan(_SweepHead)
-            if head.updated_at <= newest and (head.status not in TERMINAL or head.unpublished)
-        }
+        recent: dict[str, str] = {}
+        running: collections.Counter[str] = collections.Counter()
+        async for head in self.store.scan(_SweepHead):
+            if head.status not in TERMINAL:
+                running[head.workflow] += 1
+            if head.updated_at <= newest and (head.status not in TERMINAL or head.unpublished):
+                recent[head.workflow_id] = head.updated_at
+        gauges = metrics()
+        gauges.running = {name: running[name] for name in {*gauges.running, *running}}
+        gauges.deadletters = (await self.js.stream_info(DEADLETTERS)).state.messages
         recovery = Recovery(self.js)  # one scan per subject for the whole sweep
         self._redriven = {k: v for k, v in self._redriven.items() if recent.get(k) == v.updated_at}
         clock = asyncio.get_running_loop().time()
@@ -646,6 +703,31 @@ class Conductor:
             await asyncio.sleep(self.settings.sweep_interval_s)
 
 
+_FAILED: Final = frozenset({"FAILED", "TIMED_OUT"})
+
+
+def _destination(command: Command) -> str | None:
+    """The subject (its template where it names a workflow) ``command`` is sent to."""
+    match command:
+        case RunTask():
+            return f"tasks.{command.task}"
+        case PublishEvent():
+            return command.subject
+        case ScheduleTimer():
+            return "timers.{workflow_id}"
+        case NotifyParent():
+            return "results.{workflow_id}"
+    return None
+
+
+def _about(command: Command) -> dict[str, str | int]:
+    """The task attributes of ``command``'s span."""
+    match command:
+        case RunTask() | ScheduleTimer():
+            return {"task.ref": command.ref, "task.attempt": command.attempt}
+    return {}
+
+
 # The sweeper's gap between two looks at an unchanged workflow grows to this many
 # intervals at most (a workflow waiting days on an approval is looked at twice an hour).
 _MAX_GAP: Final = 64
@@ -674,6 +756,7 @@ class _SweepHead(msgspec.Struct, frozen=True):
     workflow_id: str
     status: str
     updated_at: str
+    workflow: str = ""
     unpublished: str = ""
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import ssl
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -51,6 +51,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # The directory the demo keeps its embedded server's JetStream data in.
     data_dir: str = ".kapellmeister"
     log_level: str = "INFO"
+    # Log lines as JSON, as text, or JSON unless stderr is a terminal ("auto").
+    log_format: Literal["auto", "json", "text"] = "auto"
+    # Serve /metrics for Prometheus on this port (and host), if set.
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

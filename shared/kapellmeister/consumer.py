@@ -16,6 +16,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from kapellmeister.metrics import metrics
+
 __all__ = ["MessageHandler", "PullWorker"]
 
 log = logging.getLogger("kapellmeister.consumer")
@@ -42,7 +44,9 @@ class PullWorker:
         expires_s: float = 5.0,
     ) -> None:
         self.name = name
+        self.durable = durable
         self._nc = nc
+        self._stream = stream
         self._next = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self._handle = handle
         self._limit = max(1, limit)
@@ -113,6 +117,8 @@ class PullWorker:
             return
         self._requested = max(0, self._requested - 1)
         self._delivered += 1
+        if msg.metadata.num_delivered > 1:
+            metrics().redeliveries.add(1, {"messaging.destination.name": self._stream})
         running = asyncio.create_task(self._run(msg))
         self._running.add(running)
         running.add_done_callback(self._running.discard)

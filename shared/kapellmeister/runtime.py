@@ -11,7 +11,6 @@ import asyncio
 import datetime
 import logging
 import signal
-import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -20,8 +19,10 @@ import nats.errors
 from nats.aio.client import Client
 
 from kapellmeister.config import Settings
+from kapellmeister.logs import setup_logging
 from kapellmeister.messages import utc_text
-from kapellmeister.tracing import setup_tracing
+from kapellmeister.metrics import setup_metrics, shutdown_metrics
+from kapellmeister.tracing import flush, setup_tracing
 
 __all__ = ["ServiceMain", "connect", "disconnect", "run_service", "utc_now"]
 
@@ -89,12 +90,9 @@ async def _bounded(name: str, service: asyncio.Task[None], seconds: float) -> No
 def run_service(name: str, main: ServiceMain, settings: Settings | None = None) -> None:
     """Run ``main`` until SIGTERM/SIGINT under uvloop; the container entrypoint."""
     settings = settings or Settings.from_env()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format=f"%(asctime)s {name} %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(name, settings.log_level, settings.log_format)
     setup_tracing(name)
+    setup_metrics(name, port=settings.metrics_port, host=settings.metrics_host)
 
     async def runner() -> None:
         stop = asyncio.Event()
@@ -111,8 +109,12 @@ def run_service(name: str, main: ServiceMain, settings: Settings | None = None) 
             service.result()
 
     try:
-        import uvloop
+        try:
+            import uvloop
 
-        uvloop.run(runner())
-    except ImportError:  # pragma: no cover - uvloop is not built for this platform
-        asyncio.run(runner())
+            uvloop.run(runner())
+        except ImportError:  # pragma: no cover - uvloop is not built for this platform
+            asyncio.run(runner())
+    finally:
+        flush()  # what was traced and counted last is exported, not lost with the process
+        shutdown_metrics()
