@@ -38,7 +38,6 @@ from kapellmeister.messages import (
     WorkflowSummary,
 )
 from kapellmeister.micro import add_endpoint
-from kapellmeister.runtime import utc_now
 
 if TYPE_CHECKING:
     from kapellmeister.conductor import Conductor
@@ -154,7 +153,7 @@ class _Api:
                 workflow=definition.name,
                 version=definition.version,
                 input=data,
-                at=utc_now(),
+                at=self.conductor.clock.now(),
                 tenant=headers.get("Tenant", ""),
                 trace_id=tracing.trace_id_of(root["traceparent"]),
                 traceparent=root["traceparent"],
@@ -185,7 +184,10 @@ class _Api:
         workflow_id, ref = _workflow_id(request), _token(request, 3)
         output = _decode_json(request.data or b"{}")
         return await self._request_fact(
-            request, SignalReceived(workflow_id=workflow_id, ref=ref, output=output, at=utc_now())
+            request,
+            SignalReceived(
+                workflow_id=workflow_id, ref=ref, output=output, at=self.conductor.clock.now()
+            ),
         )
 
     async def terminate(self, request: Request) -> bytes:
@@ -196,29 +198,35 @@ class _Api:
                 workflow_id=_workflow_id(request),
                 reason=body.reason,
                 compensate=body.compensate,
-                at=utc_now(),
+                at=self.conductor.clock.now(),
             ),
         )
 
     async def retry(self, request: Request) -> bytes:
         return await self._request_fact(
-            request, RetryRequested(workflow_id=_workflow_id(request), at=utc_now())
+            request,
+            RetryRequested(workflow_id=_workflow_id(request), at=self.conductor.clock.now()),
         )
 
     async def rerun(self, request: Request) -> bytes:
         body = _decode_rerun(request.data or b"")
         return await self._request_fact(
-            request, RerunRequested(workflow_id=_workflow_id(request), task=body.task, at=utc_now())
+            request,
+            RerunRequested(
+                workflow_id=_workflow_id(request), task=body.task, at=self.conductor.clock.now()
+            ),
         )
 
     async def pause(self, request: Request) -> bytes:
         return await self._request_fact(
-            request, PauseRequested(workflow_id=_workflow_id(request), at=utc_now())
+            request,
+            PauseRequested(workflow_id=_workflow_id(request), at=self.conductor.clock.now()),
         )
 
     async def resume(self, request: Request) -> bytes:
         return await self._request_fact(
-            request, ResumeRequested(workflow_id=_workflow_id(request), at=utc_now())
+            request,
+            ResumeRequested(workflow_id=_workflow_id(request), at=self.conductor.clock.now()),
         )
 
     async def register(self, request: Request) -> bytes:

@@ -40,6 +40,7 @@ from opentelemetry.trace import SpanKind
 
 from kapellmeister import tracing
 from kapellmeister.api import serve_api
+from kapellmeister.clock import ServerClock
 from kapellmeister.config import Settings
 from kapellmeister.consumer import PullWorker
 from kapellmeister.deadletter import dead_letter, record_dead_letter
@@ -79,9 +80,8 @@ from kapellmeister.messages import (
     utc_text,
 )
 from kapellmeister.metrics import metrics
-from kapellmeister.recovery import Recovery, is_old, server_now
+from kapellmeister.recovery import Recovery, is_old
 from kapellmeister.registry import DefinitionStore, Registry
-from kapellmeister.runtime import utc_now
 from kapellmeister.store import CasConflict, SagaStore, Versioned
 from kapellmeister.topology import (
     DEADLETTERS,
@@ -109,6 +109,7 @@ class Conductor:
         self.version = version
         self.conflicts = 0
         self._nc: Client | None = None
+        self._clock: ServerClock | None = None
         self._js: JetStreamContext | None = None
         self._store: SagaStore | None = None
         self._definitions: DefinitionStore | None = None
@@ -127,6 +128,12 @@ class Conductor:
     def js(self) -> JetStreamContext:
         assert self._js is not None, "start() first"
         return self._js
+
+    @property
+    def clock(self) -> ServerClock:
+        """The server's time, for the facts no message stamps (requests)."""
+        assert self._clock is not None, "start() first"
+        return self._clock
 
     @property
     def nc(self) -> Client:
@@ -152,7 +159,9 @@ class Conductor:
         """Create what is missing, then serve requests, consume results and sweep."""
         settings = self.settings
         self._nc, self._js = nc, nc.jetstream()
+        self._clock = ServerClock(nc)
         await ensure_streams(self._js, settings.replicas)
+        await self._clock.sync()
         buckets = await ensure_buckets(self._js, settings.replicas)
         self._store = SagaStore(buckets["workflows"])
         self._leases = buckets[LEASES]
@@ -318,7 +327,7 @@ class Conductor:
                         workflow_id=command.workflow_id,
                         reason=command.reason,
                         compensate=command.compensate,
-                        at=utc_now(),
+                        at=self.clock.now(),
                     ),
                     trace,
                 )
@@ -402,7 +411,7 @@ class Conductor:
         """Publish a decision's commands; for a ``replay`` (a fact already applied, whose
         commands went out once already, most likely) past the dedupe window, only those
         `kapellmeister.recovery` finds missing. ``applying``: the fact's RESULTS sequence."""
-        if replay and commands and is_old(state, await server_now(self.nc)):
+        if replay and commands and is_old(state, self.clock.now()):
             commands = await self._missing(state, commands, Recovery(self.js), applying)
         await self.publish(state, commands, trace)
 
@@ -474,7 +483,7 @@ class Conductor:
             workflow=definition.name,
             version=definition.version,
             input=command.input,
-            at=utc_now(),
+            at=self.clock.now(),
             tenant=command.tenant,
             trace_id=traceparent[3:35],
             traceparent=traceparent,
@@ -510,7 +519,7 @@ class Conductor:
             await dead_letter(self.js, msg, "conductor", f"not a task result: {exc}")
             return
         # The stream's clock stamps the fact: no comparison of two hosts' clocks.
-        at = utc_text(msg.metadata.timestamp) if msg.metadata.timestamp else utc_now()
+        at = utc_text(msg.metadata.timestamp) if msg.metadata.timestamp else self.clock.now()
         if result.timer == "response":
             await self._check_heartbeat(result, at, msg.metadata.sequence.stream)
             await msg.ack()
@@ -646,7 +655,7 @@ class Conductor:
         again with doubling gaps while it does not change. Returns how many workflows
         were re-driven.
         """
-        now = await server_now(self.nc)
+        now = await self.clock.sync()
         # Leave alone what was written in the last few seconds: its writer is most likely
         # publishing right now, and a republish would only be a duplicate to drop.
         newest = utc_shift(now, -self.settings.sweep_grace_s)

@@ -21,13 +21,9 @@ stream-info reply) against the saga's ``updated_at``, which the server stamped t
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Sequence
 from typing import Final
 
-import msgspec
-import nats.errors
-from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -41,30 +37,13 @@ from kapellmeister.messages import (
     StartWorkflow,
     TerminateWorkflow,
     utc_shift,
-    utc_text,
 )
 from kapellmeister.topology import DEDUPE_WINDOW_S, EVENTS, RESULTS, TASKS
 
-__all__ = ["MARGIN_S", "Recovery", "is_old", "server_now"]
+__all__ = ["MARGIN_S", "Recovery", "is_old"]
 
 # A publish older than this may have left the dedupe window (a fifth of it to spare).
 MARGIN_S: Final = DEDUPE_WINDOW_S * 0.8
-
-
-class _Info(msgspec.Struct):
-    ts: str = ""
-
-
-_decode_info = msgspec.json.Decoder(_Info).decode
-
-
-async def server_now(nc: Client) -> str:
-    """The server's time now (RFC 3339, UTC), from a stream-info reply's ``ts``."""
-    reply = await nc.request(f"$JS.API.STREAM.INFO.{RESULTS}", b"", timeout=5.0)
-    stamp = _decode_info(reply.data).ts
-    if not stamp:
-        raise nats.errors.Error("the server's stream info carries no time (nats-server < 2.10)")
-    return utc_text(datetime.datetime.fromisoformat(stamp))
 
 
 def is_old(state: Saga, now: str) -> bool:

@@ -7,6 +7,7 @@ import dataclasses
 
 import msgspec
 
+from kapellmeister.clock import ServerClock, server_now
 from kapellmeister.messages import (
     Command,
     NotifyParent,
@@ -18,8 +19,9 @@ from kapellmeister.messages import (
     StartWorkflow,
     TaskResult,
     utc_shift,
+    utc_text,
 )
-from kapellmeister.recovery import MARGIN_S, Recovery, is_old, server_now
+from kapellmeister.recovery import MARGIN_S, Recovery, is_old
 from kapellmeister.topology import ensure_streams
 from tests.support import body, call, stream_messages
 
@@ -202,3 +204,18 @@ async def drained(js) -> None:
             break
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.3)  # and acted on the last one
+
+
+async def test_the_server_clock_reads_the_servers_time_between_syncs(nc, js):
+    await ensure_streams(js)
+    clock = ServerClock(nc)
+    await clock.sync()
+    await asyncio.sleep(0.3)  # time passes on the monotonic clock, not read from the host
+    before = clock.now()
+    ack = await js.publish("events.clock", b"{}")
+    after = clock.now()
+    stored = await js.get_msg("EVENTS", seq=ack.seq)
+    assert stored.time is not None
+    stamp = utc_text(stored.time)
+    # The message's server stamp falls between the two readings (50 ms for the estimate).
+    assert utc_shift(before, -0.05) <= stamp <= utc_shift(after, 0.05)
