@@ -147,6 +147,11 @@ class Receiver:
                         for point in _points(service, metric):
                             self.points[(service, point.metric, point.attributes)] = point
 
+    def snapshot(self) -> list[Span]:
+        """Every span received so far."""
+        with self.lock:
+            return list(self.spans)
+
     def trace(self, trace_id: str) -> list[Span]:
         with self.lock:
             return [s for s in self.spans if s.trace_id == trace_id]

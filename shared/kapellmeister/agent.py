@@ -237,15 +237,17 @@ class Agent:
         return f"{self.name}/{self._service.id if self._service else '?'}"
 
     def _direct(self, spec: TaskSpec[Any, Any]) -> Callable[[Request], Awaitable[bytes]]:
-        attributes = {
-            "messaging.system": "nats",
-            "messaging.destination.name": spec.name,
-            "messaging.operation.type": "process",
-        }
+        def attributes() -> dict[str, str | int]:
+            return {
+                "messaging.system": "nats",
+                "messaging.destination.name": spec.name,
+                "messaging.operation.type": "process",
+            }
+
+        name = f"process {spec.name}"
 
         async def handle(request: Request) -> bytes:
-            name = f"process {spec.name}"
-            with tracing.span(name, SpanKind.SERVER, attributes, request.headers):
+            with tracing.span(name, SpanKind.SERVER, request.headers, attributes=attributes):
                 try:
                     return await spec.call(request.data)
                 except Exception as exc:
@@ -278,19 +280,23 @@ class Agent:
             with contextlib.suppress(nats.errors.Error):
                 await msg.term()
             return
-        attributes: dict[str, str | int] = {
-            "messaging.system": "nats",
-            "messaging.destination.name": msg.subject,
-            "messaging.operation.type": "process",
-            "messaging.message.id": (msg.headers or {}).get("Nats-Msg-Id", ""),
-            "messaging.consumer.group.name": consumer_name(msg.subject),
-            "workflow.id": request.workflow_id,
-            "workflow.name": request.workflow,
-            "task.ref": request.ref,
-            "task.attempt": request.attempt,
-        }
+
+        def attributes() -> dict[str, str | int]:
+            found: dict[str, str | int] = {
+                "messaging.system": "nats",
+                "messaging.destination.name": msg.subject,
+                "messaging.operation.type": "process",
+                "messaging.consumer.group.name": consumer_name(msg.subject),
+                "workflow.name": request.workflow,
+                "task.attempt": request.attempt,
+            }
+            if msg.headers and "Nats-Msg-Id" in msg.headers:
+                found["messaging.message.id"] = msg.headers["Nats-Msg-Id"]
+            return found
+
+        about = {"workflow.id": request.workflow_id, "task.ref": request.ref}
         name = f"process {msg.subject}"
-        with tracing.span(name, SpanKind.CONSUMER, attributes, msg.headers) as trace:
+        with tracing.span(name, SpanKind.CONSUMER, msg.headers, about, attributes) as trace:
             result = TaskResult(
                 workflow_id=request.workflow_id,
                 ref=request.ref,
@@ -406,18 +412,20 @@ class Agent:
         msg_id = (msg.headers or {}).get("Nats-Msg-Id") or (
             f"{result.workflow_id}:{result.ref}:{result.attempt}"
         )
-        attributes: dict[str, str | int] = {
-            "messaging.message.id": f"{msg_id}:result",
-            "workflow.id": result.workflow_id,
-            "task.ref": result.ref,
-            "task.attempt": result.attempt,
-        }
+        subject = f"results.{result.workflow_id}"
+
+        def attributes() -> dict[str, str | int]:
+            return {
+                "messaging.message.id": f"{msg_id}:result",
+                "workflow.id": result.workflow_id,
+                "task.ref": result.ref,
+                "task.attempt": result.attempt,
+            }
+
         try:
-            with tracing.producer("results.{workflow_id}", attributes, trace) as sent:
+            with tracing.producer("results.{workflow_id}", subject, trace, attributes) as sent:
                 headers = {**sent, "Nats-Msg-Id": f"{msg_id}:result"}
-                await self._js.publish(
-                    f"results.{result.workflow_id}", _encode(result), headers=headers
-                )
+                await self._js.publish(subject, _encode(result), headers=headers)
         except (TimeoutError, nats.errors.Error) as exc:
             # Not stored, so not acked: the task comes back and its result is published then.
             log.warning("result of %s not published (%s); will be redelivered", msg_id, exc)

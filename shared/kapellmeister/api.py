@@ -9,6 +9,7 @@ compare-and-set, publish steps as task results (`Conductor.apply`).
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
@@ -19,7 +20,6 @@ from nats.js.errors import KeyNotFoundError
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
-from opentelemetry.trace import SpanKind
 
 from kapellmeister import tracing
 from kapellmeister.errors import BadRequest, Conflict, NotFound, WorkflowNotFound
@@ -135,19 +135,11 @@ class _Api:
             raise BadRequest(
                 "Workflow-Id must be 1-128 of A-Z a-z 0-9 _ = - (it is used in subjects)"
             )
-        attributes = {
-            "messaging.system": "nats",
-            "messaging.destination.name": request.subject,
-            "messaging.operation.type": "process",
-            "workflow.id": workflow_id,
-            "workflow.name": definition.name,
-        }
-        # The workflow's root span: its context, kept in the saga, is the trace's root.
-        with tracing.span(
-            f"workflow {definition.name}", SpanKind.SERVER, attributes, headers
-        ) as root:
-            if not tracing.exporting():  # no span: the root context is made by hand
-                root = {"traceparent": tracing.new_traceparent(headers)}
+        # The root context is chosen now and kept in the saga; the root span with its
+        # ids is recorded once the start is decided, and only if it created the workflow.
+        started_ns = time.time_ns()
+        traceparent = tracing.root_traceparent(f"workflow {definition.name}", headers)
+        with tracing.about({"workflow.id": workflow_id}, traceparent):
             fact = Started(
                 workflow_id=workflow_id,
                 workflow=definition.name,
@@ -155,10 +147,11 @@ class _Api:
                 input=data,
                 at=self.conductor.clock.now(),
                 tenant=headers.get("Tenant", ""),
-                trace_id=tracing.trace_id_of(root["traceparent"]),
-                traceparent=root["traceparent"],
+                trace_id=tracing.trace_id_of(traceparent),
+                traceparent=traceparent,
+                tracestate=headers.get("tracestate", ""),
             )
-            state = await self.conductor.start_workflow(fact, root)
+            state = await self.conductor.start_workflow(fact, headers, started_ns)
         return _encode(StartReply(workflow_id=state.workflow_id, status=state.status))
 
     async def get(self, request: Request) -> bytes:

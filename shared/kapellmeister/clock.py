@@ -51,6 +51,7 @@ class ServerClock:
     def __init__(self, nc: Client) -> None:
         self.nc = nc
         self._anchor: tuple[datetime.datetime, float] | None = None
+        self._last = ""
 
     async def sync(self) -> str:
         """Read the server's time (one request); returns it as text."""
@@ -61,7 +62,10 @@ class ServerClock:
         return utc_text(stamp)
 
     def now(self) -> str:
-        """The server's time now, as text (`sync` must have run once)."""
+        """The server's time now, as text (`sync` must have run once); never earlier than
+        what it said before, though a new anchor may be a little behind the last one."""
         assert self._anchor is not None, "sync() first"
         stamp, at = self._anchor
-        return utc_text(stamp + datetime.timedelta(seconds=time.monotonic() - at))
+        now = utc_text(stamp + datetime.timedelta(seconds=time.monotonic() - at))
+        self._last = max(now, self._last)
+        return self._last

@@ -25,6 +25,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from collections.abc import Mapping
 from typing import Final, NamedTuple
 
@@ -251,7 +252,7 @@ class Conductor:
         if not commands:
             return
         if trace is None:
-            trace = {"traceparent": state.traceparent} if state.traceparent else {}
+            trace = _root(state)
         await asyncio.gather(*(self._publish_one(c, trace, state) for c in commands))
 
     async def _publish_one(self, command: Command, trace: Mapping[str, str], state: Saga) -> None:
@@ -259,13 +260,16 @@ class Conductor:
         if destination is None:  # a step of its own, with its own span
             await self._publish_command(command, trace)
             return
-        attributes: dict[str, str | int] = {
-            "messaging.message.id": command.msg_id,
-            "workflow.id": state.workflow_id,
-            "workflow.name": state.workflow,
-            **_about(command),
-        }
-        with tracing.producer(destination, attributes, trace) as sent:
+
+        def attributes() -> dict[str, str | int]:
+            return {
+                "messaging.message.id": command.msg_id,
+                "workflow.id": state.workflow_id,
+                "workflow.name": state.workflow,
+                **_about(command),
+            }
+
+        with tracing.producer(*destination, trace, attributes) as sent:
             await self._publish_command(command, sent)
 
     async def _publish_command(self, command: Command, trace: Mapping[str, str]) -> None:
@@ -338,17 +342,35 @@ class Conductor:
             f"results.{result.workflow_id}", _encode(result), headers=dict(headers)
         )
 
-    async def start_workflow(self, fact: Started, trace: Mapping[str, str]) -> Saga:
+    async def start_workflow(
+        self, fact: Started, caller: Mapping[str, str] | None = None, started_ns: int = 0
+    ) -> Saga:
         """Create a workflow (or find it: the id makes a start idempotent) and publish.
 
         A repeated start republishes what the first one did, in case it crashed before
-        publishing; but not for a finished workflow, whose events are long out.
+        publishing, in the workflow's own trace; but not for a finished workflow, whose
+        events are long out. Only the start that created the workflow records its root
+        span (``fact.traceparent``'s ids, the ``caller``'s child).
         """
         decision, created = await self._apply(fact)
-        assert decision.state is not None
-        if created or decision.state.status not in TERMINAL:
-            await self.publish_request(decision.state, decision.commands, trace, replay=not created)
-        return decision.state
+        state = decision.state
+        assert state is not None
+        if created or state.status not in TERMINAL:
+            await self.publish_request(state, decision.commands, _root(state), replay=not created)
+        if created:
+            tracing.record_root(
+                f"workflow {state.workflow}",
+                state.traceparent,
+                caller,
+                {
+                    "messaging.system": "nats",
+                    "messaging.operation.type": "process",
+                    "workflow.id": state.workflow_id,
+                    "workflow.name": state.workflow,
+                },
+                started_ns or time.time_ns(),
+            )
+        return state
 
     async def request(
         self,
@@ -365,25 +387,28 @@ class Conductor:
         one for a workflow that does not exist changes and publishes nothing; the caller
         decides what that means.
         """
-        known = (await self.store.load(fact.workflow_id)).state
         if trace is None:
-            trace = {"traceparent": known.traceparent} if known and known.traceparent else {}
-        attributes: dict[str, str | int] = {
-            "messaging.system": "nats",
-            "messaging.operation.type": "process",
-            "workflow.id": fact.workflow_id,
-            "workflow.name": known.workflow if known else "",
-        }
-        with tracing.span(
-            f"{operation} workflow", SpanKind.SERVER, attributes, trace, caller
-        ) as sent:
+            known = (await self.store.load(fact.workflow_id)).state
+            if known is None:  # no workflow: a 404, in nobody's trace
+                return Decision(None, ())
+            trace = _root(known)
+
+        def attributes() -> dict[str, str | int]:
+            return {"messaging.system": "nats", "messaging.operation.type": "process"}
+
+        about = {"workflow.id": fact.workflow_id}
+        name = f"{operation} workflow"
+        with tracing.span(name, SpanKind.SERVER, trace, about, attributes, caller) as sent:
             decision, wrote = await self._apply(fact)
-            if decision.state is not None and decision.refusal is None:
-                await self.publish_request(
-                    decision.state, decision.commands, sent, replay=not wrote
-                )
-            elif decision.refusal is not None:
-                tracing.set_error(decision.refusal.message)
+            if decision.state is not None:
+                tracing.set_attributes({"workflow.name": decision.state.workflow})
+                if wrote and decision.state.status in _FAILED:
+                    error = decision.state.error
+                    tracing.set_error(error.message if error else decision.state.status)
+                if decision.refusal is None:
+                    await self.publish_request(
+                        decision.state, decision.commands, sent, replay=not wrote
+                    )
         return decision
 
     async def publish_request(
@@ -477,7 +502,9 @@ class Conductor:
                 result, {**trace, "Nats-Msg-Id": f"{command.msg_id}:refused"}
             )
             return
-        traceparent = trace.get("traceparent", "")
+        # The child's root: a child of the parent's step that starts it, in its trace.
+        started_ns = time.time_ns()
+        traceparent = tracing.root_traceparent(f"workflow {definition.name}", trace)
         fact = Started(
             workflow_id=command.workflow_id,
             workflow=definition.name,
@@ -485,11 +512,12 @@ class Conductor:
             input=command.input,
             at=self.clock.now(),
             tenant=command.tenant,
-            trace_id=traceparent[3:35],
+            trace_id=tracing.trace_id_of(traceparent),
             traceparent=traceparent,
+            tracestate=trace.get("tracestate", ""),
             parent=parent,
         )
-        child = await self.start_workflow(fact, trace)
+        child = await self.start_workflow(fact, trace, started_ns)
         if parent is not None and child.status not in TERMINAL:
             await self._end_if_abandoned(parent, trace)
 
@@ -524,20 +552,26 @@ class Conductor:
             await self._check_heartbeat(result, at, msg.metadata.sequence.stream)
             await msg.ack()
             return
-        attributes: dict[str, str | int] = {
-            "messaging.system": "nats",
-            "messaging.destination.name": msg.subject,
-            "messaging.destination.template": "results.{workflow_id}",
-            "messaging.operation.type": "process",
-            "messaging.message.id": (msg.headers or {}).get("Nats-Msg-Id", ""),
-            "messaging.consumer.group.name": self._worker.durable if self._worker else "",
-            "workflow.id": result.workflow_id,
-            "task.ref": result.ref,
-            "task.attempt": result.attempt,
-        }
+
+        def attributes() -> dict[str, str | int]:
+            found: dict[str, str | int] = {
+                "messaging.system": "nats",
+                "messaging.destination.name": msg.subject,
+                "messaging.destination.template": "results.{workflow_id}",
+                "messaging.operation.type": "process",
+                "messaging.consumer.group.name": self._worker.durable if self._worker else "",
+                "task.attempt": result.attempt,
+            }
+            if msg.headers and "Nats-Msg-Id" in msg.headers:
+                found["messaging.message.id"] = msg.headers["Nats-Msg-Id"]
+            return found
+
+        about = {"workflow.id": result.workflow_id, "task.ref": result.ref}
         name = "process results.{workflow_id}"
-        with tracing.span(name, SpanKind.CONSUMER, attributes, msg.headers) as trace:
+        with tracing.span(name, SpanKind.CONSUMER, msg.headers, about, attributes) as trace:
             decision, wrote = await self._apply(_fact(result, at))
+            if decision.state is not None:
+                tracing.set_attributes({"workflow.name": decision.state.workflow})
             if wrote and decision.state is not None and decision.state.status in _FAILED:
                 error = decision.state.error
                 tracing.set_error(error.message if error else decision.state.status)
@@ -658,18 +692,8 @@ class Conductor:
         now = await self.clock.sync()
         # Leave alone what was written in the last few seconds: its writer is most likely
         # publishing right now, and a republish would only be a duplicate to drop.
-        newest = utc_shift(now, -self.settings.sweep_grace_s)
+        recent = await self._to_sweep(utc_shift(now, -self.settings.sweep_grace_s))
         count = 0
-        recent: dict[str, str] = {}
-        running: collections.Counter[str] = collections.Counter()
-        async for head in self.store.scan(_SweepHead):
-            if head.status not in TERMINAL:
-                running[head.workflow] += 1
-            if head.updated_at <= newest and (head.status not in TERMINAL or head.unpublished):
-                recent[head.workflow_id] = head.updated_at
-        gauges = metrics()
-        gauges.running = {name: running[name] for name in {*gauges.running, *running}}
-        gauges.deadletters = (await self.js.stream_info(DEADLETTERS)).state.messages
         recovery = Recovery(self.js)  # one scan per subject for the whole sweep
         self._redriven = {k: v for k, v in self._redriven.items() if recent.get(k) == v.updated_at}
         clock = asyncio.get_running_loop().time()
@@ -699,7 +723,33 @@ class Conductor:
             )
             gap = self.settings.sweep_interval_s * min(2**times, _MAX_GAP)
             self._redriven[workflow_id] = _Redrive(state.updated_at, times, clock + gap)
+        await self._count_deadletters()  # a figure for a gauge, after the work that matters
         return count
+
+    async def _to_sweep(self, newest: str) -> dict[str, str]:
+        """The workflows to look at (``updated_at`` by id): running or `unpublished`, and
+        not written after ``newest``. Counts the running ones by name for the gauge."""
+        found: dict[str, str] = {}
+        running: collections.Counter[str] = collections.Counter()
+        async for head in self.store.scan(_SweepHead):
+            if head.status not in TERMINAL:
+                running[head.workflow] += 1
+            if head.updated_at <= newest and (head.status not in TERMINAL or head.unpublished):
+                found[head.workflow_id] = head.updated_at
+        gauges = metrics()
+        # Every name seen, and every one served, reports (0 is a value, absence is not).
+        names = {*gauges.running, *running, *self.registry.names()}
+        gauges.running = {name: running[name] for name in names}
+        return found
+
+    async def _count_deadletters(self) -> None:
+        gauges = metrics()
+        if not gauges.enabled:
+            return
+        try:
+            gauges.deadletters = (await self.js.stream_info(DEADLETTERS)).state.messages
+        except (TimeoutError, nats.errors.Error) as exc:
+            log.warning("dead letters not counted: %s", exc)
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -715,18 +765,27 @@ class Conductor:
 _FAILED: Final = frozenset({"FAILED", "TIMED_OUT"})
 
 
-def _destination(command: Command) -> str | None:
-    """The subject (its template where it names a workflow) ``command`` is sent to."""
+def _destination(command: Command) -> tuple[str, str] | None:
+    """The subject ``command`` is sent to: its template (the span's name), and itself."""
     match command:
         case RunTask():
-            return f"tasks.{command.task}"
+            return f"tasks.{command.task}", f"tasks.{command.task}"
         case PublishEvent():
-            return command.subject
+            return command.subject, command.subject
         case ScheduleTimer():
-            return "timers.{workflow_id}"
+            where = f"{command.workflow_id}.{command.ref}.{command.attempt}"
+            return "timers.{workflow_id}", f"timers.{where}.{command.purpose}"
         case NotifyParent():
-            return "results.{workflow_id}"
+            return "results.{workflow_id}", f"results.{command.parent.workflow_id}"
     return None
+
+
+def _root(state: Saga) -> dict[str, str]:
+    """The trace headers of the workflow's root context, as the saga keeps them."""
+    headers = {"traceparent": state.traceparent} if state.traceparent else {}
+    if state.tracestate:
+        headers["tracestate"] = state.tracestate
+    return headers
 
 
 def _about(command: Command) -> dict[str, str | int]:

@@ -508,6 +508,7 @@ def _start(definition: Definition, fact: Started) -> Decision:
         updated_at=fact.at,
         trace_id=fact.trace_id,
         traceparent=fact.traceparent,
+        tracestate=fact.tracestate,
         parent=fact.parent,
         timeout_at=_deadline(fact.at, definition.spec.timeout_s),
     )

@@ -221,6 +221,7 @@ class Saga(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: str
     trace_id: str = ""
     traceparent: str = ""
+    tracestate: str = ""
     error: Failure | None = None
     variables: dict[str, Json] = {}
     tasks: tuple[TaskRecord, ...] = ()
@@ -252,6 +253,7 @@ class Started(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     tenant: str = ""
     trace_id: str = ""
     traceparent: str = ""
+    tracestate: str = ""
     parent: ParentLink | None = None
 
 

@@ -60,10 +60,9 @@ def setup_metrics(
 ) -> None:
     """Install the global meter provider for this service (once, in ``__main__``)."""
     env = os.environ if environ is None else environ
-    readers: list[MetricReader] = []
-    exporter = _metric_exporter(env)
-    if exporter is not None:
-        readers.append(PeriodicExportingMetricReader(exporter))
+    readers: list[MetricReader] = [
+        PeriodicExportingMetricReader(exporter) for exporter in _metric_exporters(env)
+    ]
     if port is not None:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import start_http_server
@@ -79,43 +78,48 @@ def setup_metrics(
     _metrics = None
 
 
-def shutdown_metrics() -> None:
-    """Export what is due and stop (a stopping service)."""
+def shutdown_metrics(timeout_s: float = 3.0) -> None:
+    """Export what is due and stop (a stopping service), for at most ``timeout_s``."""
     if _provider is not None:
-        _provider.shutdown()
+        _provider.shutdown(timeout_millis=timeout_s * 1000)
 
 
-def _metric_exporter(env: Mapping[str, str]) -> MetricExporter | None:
+def _metric_exporters(env: Mapping[str, str]) -> list[MetricExporter]:
+    """The exporters the ``OTEL_*`` variables ask for (none without an endpoint)."""
     if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
-        return None
+        return []
     names = {n.strip().lower() for n in env.get("OTEL_METRICS_EXPORTER", "otlp").split(",")}
+    found: list[MetricExporter] = []
     if "console" in names:
-        return ConsoleMetricExporter()
+        found.append(ConsoleMetricExporter())
     endpoint = env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or env.get(
         "OTEL_EXPORTER_OTLP_ENDPOINT"
     )
-    if "otlp" not in names or not endpoint:
-        return None
-    protocol = env.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL") or env.get(
-        "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
-    )
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
-            OTLPMetricExporter as GrpcExporter,
+    if "otlp" in names and endpoint:
+        protocol = env.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL") or env.get(
+            "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
         )
+        if protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+                OTLPMetricExporter as GrpcExporter,
+            )
 
-        return GrpcExporter()
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
-        OTLPMetricExporter as HttpExporter,
-    )
+            found.append(GrpcExporter())
+        else:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+                OTLPMetricExporter as HttpExporter,
+            )
 
-    return HttpExporter()
+            found.append(HttpExporter())
+    return found
 
 
 class Metrics:
     """The instruments, and what the sweeper last counted for the gauges."""
 
     def __init__(self, meter: otel.Meter | None = None) -> None:
+        # Without a provider the instruments are no-ops: skip the work of feeding them.
+        self.enabled = meter is not None or _provider is not None
         meter = meter or otel.get_meter("kapellmeister")
         self.started = meter.create_counter(
             "kapellmeister.workflows.started", "{workflow}", "Workflows started"
@@ -155,6 +159,8 @@ class Metrics:
 
     def saga_written(self, before: Saga | None, after: Saga) -> None:
         """Count what one saga write changed: a start, an end, tasks that ended."""
+        if not self.enabled:
+            return
         name = {"workflow.name": after.workflow}
         if before is None:
             self.started.add(1, name)
