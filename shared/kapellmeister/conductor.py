@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -39,7 +40,7 @@ from nats.js.kv import KeyValue
 from nats.micro.service import Service
 from opentelemetry.trace import SpanKind
 
-from kapellmeister import tracing
+from kapellmeister import tracing, triggers
 from kapellmeister.api import serve_api
 from kapellmeister.clock import ServerClock
 from kapellmeister.config import Settings
@@ -86,6 +87,7 @@ from kapellmeister.registry import DefinitionStore, Registry
 from kapellmeister.store import CasConflict, SagaStore, Versioned
 from kapellmeister.topology import (
     DEADLETTERS,
+    EVENTS,
     RESULTS,
     TASKS,
     ensure_buckets,
@@ -116,6 +118,7 @@ class Conductor:
         self._definitions: DefinitionStore | None = None
         self._service: Service | None = None
         self._worker: PullWorker | None = None
+        self._events: PullWorker | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._poison: Subscription | None = None
         self._leases: KeyValue | None = None
@@ -175,6 +178,25 @@ class Conductor:
             "conductor", nc, RESULTS, durable, self._on_result, settings.concurrency
         )
         await self._worker.start()
+        # Events that start workflows (definitions' triggers): one consumer for all replicas.
+        events = await ensure_consumer(
+            self._js,
+            EVENTS,
+            "events.>",
+            ack_wait_s=settings.ack_wait_s,
+            max_deliver=settings.max_deliver,
+            durable=triggers.DURABLE,
+            new_only=True,
+        )
+        self._events = PullWorker(
+            "triggers",
+            nc,
+            EVENTS,
+            events,
+            functools.partial(triggers.on_event, self),
+            settings.concurrency,
+        )
+        await self._events.start()
         self._service = await serve_api(self, nc)
         # JetStream says when a task message ran out of deliveries (its agent kept dying
         # on it); one replica (a queue group) fails the task instead of letting it hang.
@@ -193,6 +215,8 @@ class Conductor:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
+        if self._events is not None:
+            await self._events.stop(self.settings.ack_wait_s)
         if self._worker is not None:
             await self._worker.stop(self.settings.ack_wait_s)
         if self._service is not None:

@@ -46,6 +46,7 @@ __all__ = [
     "SwitchTask",
     "TaskDef",
     "TerminateTask",
+    "Trigger",
     "WaitTask",
     "WorkflowDef",
     "compile_definition",
@@ -53,18 +54,22 @@ __all__ = [
     "load_definitions",
     "Node",
     "parse_definition",
+    "subject_matches",
 ]
 
 NAME_PATTERN: Final = r"^[A-Za-z0-9_-]{1,64}$"
 REF_PATTERN: Final = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 TASK_PATTERN: Final = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
 SUBJECT_PATTERN: Final = r"^events(\.[A-Za-z0-9_-]+)+$"
+# A trigger's subject may use NATS wildcards: `*` for one token, a final `>` for the rest.
+TRIGGER_PATTERN: Final = r"^events(\.([A-Za-z0-9_-]+|\*))*(\.>)?$"
 RESERVED_REFS: Final = frozenset({"workflow", "event", "item", "index"})
 
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 Ref = Annotated[str, msgspec.Meta(pattern=REF_PATTERN)]
 TaskName = Annotated[str, msgspec.Meta(pattern=TASK_PATTERN)]
 EventSubject = Annotated[str, msgspec.Meta(pattern=SUBJECT_PATTERN)]
+TriggerSubject = Annotated[str, msgspec.Meta(pattern=TRIGGER_PATTERN)]
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
 
 
@@ -197,6 +202,14 @@ TaskDef = (
 )
 
 
+class Trigger(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Start the workflow for each event stored on a subject matching ``subject``, with
+    ``input`` evaluated against ``${event.…}`` (the event's data)."""
+
+    subject: TriggerSubject
+    input: dict[str, Json] = {}
+
+
 class WorkflowDef(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A workflow definition as written (YAML or JSON)."""
 
@@ -210,6 +223,8 @@ class WorkflowDef(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     # A workflow started when this one fails or times out (Conductor's failureWorkflow),
     # with input {"workflow_id", "workflow", "status", "error", "input"}.
     failure: Name | None = None
+    # Events that start it (on the EVENTS stream), each with its input mapping.
+    triggers: list[Trigger] = []
 
 
 # Conductor's names for our fields. `name` is Conductor's task-definition name only when
@@ -384,6 +399,9 @@ class Definition:
         self.nodes = nodes
         self.first = spec.tasks[0].ref
         self.output = _compile_output(spec)
+        self.triggers: list[tuple[Trigger, Compiled]] = [
+            (t, _compile_trigger(t, i)) for i, t in enumerate(spec.triggers)
+        ]
         self._input_type = _input_struct(spec.name, spec.input)
         # For each task, the refs that may have finished before it starts.
         self.ran_before = _ran_before(spec.tasks)
@@ -557,6 +575,32 @@ def compile_definition(spec: WorkflowDef) -> Definition:
         nodes[task.ref] = Node(task, path, after, _templates(task, path))
     _check_references(spec, nodes)
     return Definition(spec, nodes)
+
+
+def _compile_trigger(trigger: Trigger, index: int) -> Compiled:
+    """A trigger's input mapping, which may name only ``${event.…}``."""
+    where = f"triggers[{index}].input"
+    try:
+        compiled = compile_value(dict(trigger.input))
+    except ExpressionError as exc:
+        raise InvalidDefinition(f"{exc} - at `{where}`") from exc
+    for path in paths(compiled):
+        if path[0] != "event":
+            raise InvalidDefinition(
+                f"a trigger's input may name only ${{event.…}}, not {path[0]!r} - at `{where}`"
+            )
+    return compiled
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """Whether ``subject`` matches the NATS subject ``pattern`` (``*``, a final ``>``)."""
+    wanted, tokens = pattern.split("."), subject.split(".")
+    for i, token in enumerate(wanted):
+        if token == ">":
+            return len(tokens) > i
+        if i >= len(tokens) or (token != "*" and token != tokens[i]):
+            return False
+    return len(tokens) == len(wanted)
 
 
 def _compile_output(spec: WorkflowDef) -> Compiled:

@@ -169,14 +169,19 @@ async def ensure_consumer(
     max_deliver: int,
     backoff_s: list[float] | None = None,
     max_ack_pending: int = 10_000,
+    durable: str | None = None,
+    new_only: bool = False,
 ) -> str:
-    """Create or update the durable pull consumer for ``subject``; returns its name."""
-    durable = consumer_name(subject)
+    """Create or update the durable pull consumer for ``subject``; returns its name.
+
+    ``durable`` names it (default: from the subject); ``new_only``: created, it delivers
+    what is stored from then on, not the stream's history (a listener on EVENTS)."""
+    durable = durable or consumer_name(subject)
     config = ConsumerConfig(
         durable_name=durable,
         filter_subject=subject,
         ack_policy=AckPolicy.EXPLICIT,
-        deliver_policy=DeliverPolicy.ALL,
+        deliver_policy=DeliverPolicy.NEW if new_only else DeliverPolicy.ALL,
         ack_wait=ack_wait_s,
         max_deliver=max_deliver,
         backoff=backoff_s,

@@ -1,0 +1,153 @@
+"""Events as the way in: a definition's ``triggers`` start it from the EVENTS stream.
+
+``nats pub events.day.requested '{"user": "ann"}'`` (or a CloudEvents JSON envelope,
+unwrapped first) is stored durably in EVENTS, deduplicated there by ``Nats-Msg-Id``.
+The conductors share one durable consumer on ``events.>`` (``conductor-triggers``,
+created to deliver what is published from then on). For each event, every definition
+whose latest version has a trigger matching the subject is started, with the trigger's
+``input`` evaluated against ``${event.…}``, under the workflow id
+``<definition>-<event id>``: the event id is its ``Nats-Msg-Id``, else the CloudEvents
+``id``, else ``seq-<stream sequence>``. The id makes the start idempotent, so a
+redelivery or a second publish of the same event starts nothing new.
+
+An event a trigger cannot use (not JSON, or an input the definition refuses) is recorded
+in DEADLETTERS with the reason and changes nothing; the other triggers of the event still
+start. The root span of a triggered workflow continues the event's ``traceparent``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from nats.aio.msg import Msg
+
+from kapellmeister import tracing
+from kapellmeister.deadletter import record_dead_letter
+from kapellmeister.definitions import Definition, subject_matches
+from kapellmeister.errors import KapellmeisterError
+from kapellmeister.expressions import Compiled, Json
+from kapellmeister.messages import Started
+from kapellmeister.topology import EVENTS
+
+if TYPE_CHECKING:
+    from kapellmeister.conductor import Conductor
+
+__all__ = ["DURABLE", "Event", "on_event", "triggered", "unwrap", "workflow_id_for"]
+
+log = logging.getLogger("kapellmeister.triggers")
+
+DURABLE = "conductor-triggers"
+_decode = msgspec.json.Decoder().decode
+
+
+class Event(msgspec.Struct, frozen=True):
+    """An event as a trigger sees it: its id, subject and data (unwrapped)."""
+
+    id: str
+    subject: str
+    data: Json
+
+
+def unwrap(subject: str, headers: dict[str, str] | None, body: bytes, sequence: int) -> Event:
+    """The event in a message: plain JSON data, or a CloudEvents JSON envelope's ``data``.
+
+    Raises:
+        ValueError: the body is not JSON.
+    """
+    try:
+        data: Any = _decode(body) if body else None
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"an event must be JSON: {exc}") from exc
+    event_id = (headers or {}).get("Nats-Msg-Id", "")
+    if isinstance(data, dict) and "specversion" in data and "id" in data:
+        event_id = event_id or str(data["id"])
+        data = data.get("data")
+    return Event(id=event_id or f"seq-{sequence}", subject=subject, data=data)
+
+
+def workflow_id_for(definition: str, event_id: str) -> str:
+    """``<definition>-<event id>``, or a digest of the event id where it would not fit
+    a workflow id (1-128 of ``A-Z a-z 0-9 _ = -``)."""
+    candidate = f"{definition}-{event_id}"
+    if len(candidate) <= 128 and all(
+        c.isascii() and (c.isalnum() or c in "_=-") for c in candidate
+    ):
+        return candidate
+    return f"{definition}-{hashlib.sha256(event_id.encode()).hexdigest()[:40]}"
+
+
+def triggered(definitions: list[Definition], subject: str) -> Iterator[tuple[Definition, Compiled]]:
+    """Each definition one of whose triggers matches ``subject``, with that trigger's
+    compiled input (the first matching trigger of a definition wins)."""
+    for definition in definitions:
+        for trigger, compiled in definition.triggers:
+            if subject_matches(trigger.subject, subject):
+                yield definition, compiled
+                break
+
+
+async def on_event(conductor: Conductor, msg: Msg) -> None:
+    """Start what the event triggers, then ack it."""
+    latest = [conductor.registry.get(name) for name in conductor.registry.names()]
+    matches = list(triggered(latest, msg.subject))
+    if not matches:
+        await msg.ack()
+        return
+    sequence = msg.metadata.sequence.stream
+    try:
+        event = unwrap(msg.subject, msg.headers, msg.data, sequence)
+    except ValueError as exc:
+        await _dead_letter(conductor, msg, str(exc))
+        await msg.ack()
+        return
+    for definition, compiled in matches:
+        try:
+            data = compiled.evaluate({"event": event.data})
+            definition.validate_input(data)
+        except KapellmeisterError as exc:
+            await _dead_letter(conductor, msg, f"{definition.name}: {exc.message}")
+            continue
+        await _start(conductor, definition, event, data, msg)
+    await msg.ack()
+
+
+async def _start(
+    conductor: Conductor, definition: Definition, event: Event, data: Json, msg: Msg
+) -> None:
+    started_ns = time.time_ns()
+    headers = msg.headers or {}
+    traceparent = tracing.root_traceparent(f"workflow {definition.name}", headers)
+    workflow_id = workflow_id_for(definition.name, event.id)
+    with tracing.about({"workflow.id": workflow_id}, traceparent):
+        fact = Started(
+            workflow_id=workflow_id,
+            workflow=definition.name,
+            version=definition.version,
+            input=data,
+            at=conductor.clock.now(),
+            tenant=headers.get("Tenant", ""),
+            trace_id=tracing.trace_id_of(traceparent),
+            traceparent=traceparent,
+            tracestate=headers.get("tracestate", ""),
+        )
+        await conductor.start_workflow(fact, headers, started_ns)
+        log.info("%s started %s", event.subject, workflow_id)
+
+
+async def _dead_letter(conductor: Conductor, msg: Msg, reason: str) -> None:
+    log.warning("event %s not used: %s", msg.subject, reason)
+    await record_dead_letter(
+        conductor.js,
+        "conductor",
+        reason,
+        stream=EVENTS,
+        subject=msg.subject,
+        sequence=msg.metadata.sequence.stream,
+        headers=dict(msg.headers or {}),
+        data=msg.data,
+    )

@@ -1,0 +1,125 @@
+"""Events start workflows: a definition's triggers, on a real nats-server.
+
+Events are published as the ``nats`` CLI would (``nats pub events.… '<json>'``, with or
+without ``Nats-Msg-Id``, plain or as a CloudEvents envelope)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import msgspec
+import pytest
+
+from kapellmeister.conductor import Conductor
+from kapellmeister.registry import Registry
+from services.conductor.__main__ import registry
+from tests.support import body, call, dead_letters, find_saga, wait_finished
+
+GREETING = {
+    "name": "greeting",
+    "input": {"user": "str"},
+    "triggers": [
+        {"subject": "events.user.*.joined", "input": {"user": "${event.user}"}},
+    ],
+    "tasks": [{"ref": "hold", "type": "WAIT"}],
+    "output": {"user": "${workflow.input.user}"},
+}
+
+
+@pytest.fixture
+async def conductor(nc, settings):
+    conductor = Conductor(settings, Registry(registry().all()))
+    await conductor.start(nc)
+    reply = await call(nc, "conductor.definitions.register", GREETING)
+    assert "Nats-Service-Error" not in (reply.headers or {}), reply.data
+    yield conductor
+    await conductor.stop()
+
+
+async def sagas(js, prefix: str) -> list[str]:
+    kv = await js.key_value("workflows")
+    try:
+        keys = await kv.keys()
+    except Exception:  # no keys yet
+        return []
+    return sorted(k for k in keys if k.startswith(prefix))
+
+
+async def settle(js) -> None:
+    """Until the conductors' trigger consumer has taken every event, and acted."""
+    for _ in range(200):
+        info = await js.consumer_info("EVENTS", "conductor-triggers")
+        if info.num_pending == 0 and info.num_ack_pending == 0:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+
+
+async def test_an_event_starts_its_workflow_once_by_its_id(nc, js, conductor):
+    event = msgspec.json.encode({"user": "ann"})
+    for _ in range(2):  # the same event published twice: stored once
+        await js.publish("events.user.eu.joined", event, headers={"Nats-Msg-Id": "j-1"})
+    await settle(js)
+    assert await sagas(js, "greeting-") == ["greeting-j-1"]
+    state = body(await call(nc, "conductor.get.greeting-j-1"))
+    assert (state["workflow"], state["status"], state["input"]) == (
+        "greeting",
+        "RUNNING",
+        {"user": "ann"},
+    )
+
+
+async def test_a_cloudevents_envelope_is_unwrapped_and_its_id_dedupes(nc, js, conductor):
+    envelope = {
+        "specversion": "1.0",
+        "id": "ce-7",
+        "type": "user.joined",
+        "source": "/signup",
+        "datacontenttype": "application/json",
+        "data": {"user": "bo"},
+    }
+    for n in range(2):  # two publishes, two message ids, one CloudEvents id
+        await js.publish(
+            "events.user.us.joined", msgspec.json.encode(envelope), headers={"X-N": str(n)}
+        )
+    await settle(js)
+    assert await sagas(js, "greeting-") == ["greeting-ce-7"]
+    assert body(await call(nc, "conductor.get.greeting-ce-7"))["input"] == {"user": "bo"}
+
+
+async def test_an_event_without_an_id_is_known_by_its_stream_sequence(nc, js, conductor):
+    ack = await js.publish("events.user.x.joined", b'{"user": "cy"}')
+    await settle(js)
+    workflow_id = f"greeting-seq-{ack.seq}"
+    assert await sagas(js, "greeting-") == [workflow_id]
+    await call(nc, f"conductor.signal.{workflow_id}.hold", {})
+    state = (await wait_finished(js, [workflow_id], timeout=10))[workflow_id]
+    assert (state["status"], state["output"]) == ("COMPLETED", {"user": "cy"})
+
+
+async def test_events_nothing_listens_for_start_nothing(nc, js, conductor):
+    await js.publish("events.user.eu.left", b'{"user": "ann"}', headers={"Nats-Msg-Id": "l-1"})
+    await js.publish("events.user.joined", b'{"user": "ann"}', headers={"Nats-Msg-Id": "l-2"})
+    await settle(js)
+    assert await sagas(js, "greeting-") == []
+
+
+async def test_an_event_a_trigger_cannot_use_is_a_dead_letter(nc, js, conductor):
+    await js.publish("events.user.eu.joined", b"not json", headers={"Nats-Msg-Id": "bad-1"})
+    await js.publish("events.user.eu.joined", b'{"name": "x"}', headers={"Nats-Msg-Id": "bad-2"})
+    await settle(js)
+    assert await sagas(js, "greeting-") == []
+    letters = await dead_letters(js, "deadletter.conductor")
+    reasons = {base64.b64decode(letter["data_base64"]): letter["reason"] for letter in letters}
+    assert "an event must be JSON" in reasons[b"not json"]
+    assert reasons[b'{"name": "x"}'].startswith("greeting: invalid input for greeting")
+    assert all(letter["stream"] == "EVENTS" for letter in letters)
+
+
+async def test_the_trace_of_the_event_is_the_workflows(nc, js, conductor):
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    headers = {"Nats-Msg-Id": "t-1", "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+    await js.publish("events.user.eu.joined", b'{"user": "di"}', headers=headers)
+    await settle(js)
+    assert (await find_saga(js, "greeting-t-1") or {}).get("trace_id") == trace_id
