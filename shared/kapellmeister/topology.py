@@ -20,7 +20,7 @@ conductor's redelivery (ack wait 30 s) with room to spare.
 KV buckets: ``workflows`` (one key per workflow, 5 revisions kept so ``nats kv history``
 shows the last steps), ``definitions``, ``tasks`` (the agent registry), ``leases``
 (heartbeats of running attempts whose task has a ``response_timeout_s``; see
-`kapellmeister.lease`).
+`kapellmeister.lease`), ``gathers`` (scatter-gather groups, `kapellmeister.gather`).
 """
 
 from __future__ import annotations
@@ -60,9 +60,10 @@ DEADLETTERS: Final = "DEADLETTERS"
 DEDUPE_WINDOW_S: Final = 600.0
 DAY_S: Final = 86_400.0
 
-BUCKETS: Final = {"workflows": 5, "definitions": 64, "tasks": 1, "leases": 1}
-# A lease outlives its attempt by at most a day (a crashed agent never deletes it).
-_TTL_S: Final = {"leases": DAY_S}
+BUCKETS: Final = {"workflows": 5, "definitions": 64, "tasks": 1, "leases": 1, "gathers": 1}
+# A lease outlives its attempt by at most a day (a crashed agent never deletes it); a
+# scatter-gather group is kept a week.
+_TTL_S: Final = {"leases": DAY_S, "gathers": 7 * DAY_S}
 
 
 def _streams(replicas: int) -> list[StreamConfig]:

@@ -1,0 +1,248 @@
+"""Processor actors (the reactive cloud actors seed): one event in, zero or more out.
+
+An actor is a plain ``async def`` that takes one typed event and returns what it emits,
+with no NATS code in it::
+
+    class ActivityChosen(msgspec.Struct):
+        user: str
+        activity: str
+
+    class Tallied(msgspec.Struct):
+        user: str
+        count: int
+
+    async def tally(event: ActivityChosen) -> list[Tallied]: ...
+
+    actor("ActivityChosen-Tally", "events.activity.chosen", tally,
+          emits={Tallied: "events.activity.tallied"})
+
+Its name, ``<EventType>-<Listener>`` (the seed's ``Event-Listener`` subscriptions), is
+its durable consumer on the EVENTS stream, shared by every replica and created to
+deliver the events stored from then on. The runtime does the rest:
+
+* pull, unwrap (plain JSON or a CloudEvents envelope), validate into the input type;
+* call; publish what the handler returned (a struct of a type in ``emits``, an `Emit`
+  naming its subject, a list of them, or None) with ids derived from the input event's
+  id, ``<event id>:<actor>:<n>``, so a redelivery publishes nothing new; then ack;
+* a failure: ``TaskError(retryable=False)``, ``BadRequest`` or input that does not
+  validate is a dead letter at once; anything else is retried with backoff (nak) until
+  ``KAPELLMEISTER_MAX_DELIVER`` deliveries, then dead-lettered;
+* tracing: the actor's span continues the event's ``traceparent``; what it emits carries
+  its own.
+
+An actor may listen to compensation events as to any other (``events.payment.failed``):
+undoing is one more event in. Scatter-gather, with state shared by many actors, is
+`kapellmeister.gather`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import re
+import typing
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Final
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.micro import add_service
+from nats.micro.service import Service
+from opentelemetry.trace import SpanKind
+
+from kapellmeister import tracing
+from kapellmeister.config import Settings
+from kapellmeister.consumer import PullWorker
+from kapellmeister.deadletter import dead_letter
+from kapellmeister.definitions import TRIGGER_PATTERN
+from kapellmeister.errors import BadRequest, TaskError
+from kapellmeister.runtime import connect, disconnect, run_service
+from kapellmeister.topology import EVENTS, ensure_buckets, ensure_consumer, ensure_streams
+from kapellmeister.triggers import unwrap
+
+__all__ = ["ActorSpec", "Actors", "Emit", "actor", "run_actors"]
+
+log = logging.getLogger("kapellmeister.actors")
+
+NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9_]+-[A-Za-z0-9_]+$")
+_BACKOFF_S: Final = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+_encode = msgspec.json.Encoder().encode
+
+
+class Emit(msgspec.Struct, frozen=True):
+    """An event to publish on ``subject`` (``events.…``) with ``data``."""
+
+    subject: str
+    data: Any
+
+
+Out = msgspec.Struct | Emit
+Returned = Out | Sequence[Out] | None
+
+
+class ActorSpec:
+    """A handler bound to its name, the subject it listens on and what it emits."""
+
+    def __init__(
+        self,
+        name: str,
+        subject: str,
+        handler: Callable[[Any], Awaitable[Returned]],
+        emits: Mapping[type[msgspec.Struct], str] | None = None,
+    ) -> None:
+        if not NAME_PATTERN.match(name):
+            raise ValueError(f"an actor is named <EventType>-<Listener>, not {name!r}")
+        if not re.match(TRIGGER_PATTERN, subject):
+            raise ValueError(f"an actor listens on events.…, not {subject!r}")
+        hints = typing.get_type_hints(handler)
+        params = [p for p in hints if p != "return"]
+        if len(params) != 1:
+            raise TypeError(f"{name}: the handler must be `async def h(event: In) -> ...`")
+        self.name, self.subject, self.handler = name, subject, handler
+        self.input_type: type[Any] = hints[params[0]]
+        self.emits = dict(emits or {})
+
+    def outputs(self, returned: Returned) -> list[tuple[str, bytes]]:
+        """(subject, encoded data) of each event ``returned`` names, in order."""
+        items: Sequence[Out] = (
+            [] if returned is None else [returned] if isinstance(returned, Out) else returned
+        )
+        found = []
+        for item in items:
+            if isinstance(item, Emit):
+                found.append((item.subject, _encode(item.data)))
+            elif type(item) in self.emits:
+                found.append((self.emits[type(item)], _encode(item)))
+            else:
+                raise TypeError(f"{self.name}: no subject for a {type(item).__name__}")
+        return found
+
+
+def actor(
+    name: str,
+    subject: str,
+    handler: Callable[[Any], Awaitable[Returned]],
+    *,
+    emits: Mapping[type[msgspec.Struct], str] | None = None,
+) -> ActorSpec:
+    """Declare an actor: ``<EventType>-<Listener>`` on ``subject``, emitting ``emits``."""
+    return ActorSpec(name, subject, handler, emits)
+
+
+class Actors:
+    """Runs a service's actors: one durable consumer and pull loop each."""
+
+    def __init__(self, name: str, specs: Sequence[ActorSpec], settings: Settings) -> None:
+        self.name, self.specs, self.settings = name, list(specs), settings
+        self._js: JetStreamContext | None = None
+        self._workers: list[PullWorker] = []
+        self._service: Service | None = None
+
+    async def start(self, nc: Client) -> None:
+        self._js = nc.jetstream()
+        await ensure_streams(self._js, self.settings.replicas)
+        await ensure_buckets(self._js, self.settings.replicas)
+        for spec in self.specs:
+            durable = await ensure_consumer(
+                self._js,
+                EVENTS,
+                spec.subject,
+                ack_wait_s=self.settings.ack_wait_s,
+                max_deliver=self.settings.max_deliver,
+                durable=spec.name,
+                new_only=True,
+            )
+            worker = PullWorker(
+                spec.name,
+                nc,
+                EVENTS,
+                durable,
+                functools.partial(self._run, spec),
+                self.settings.concurrency,
+            )
+            await worker.start()
+            self._workers.append(worker)
+        # A NATS micro service of its own: `nats micro ping <name>` finds the process.
+        self._service = await add_service(
+            nc, name=self.name, version="0.1.0", description="kapellmeister actors"
+        )
+        log.info("%s: actors %s", self.name, ", ".join(s.name for s in self.specs))
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(w.stop(self.settings.ack_wait_s) for w in self._workers))
+        if self._service is not None:
+            await self._service.stop()
+
+    async def _run(self, spec: ActorSpec, msg: Msg) -> None:
+        assert self._js is not None
+        try:
+            event = unwrap(msg.subject, msg.headers, msg.data, msg.metadata.sequence.stream)
+            typed = msgspec.convert(event.data, spec.input_type)
+        except (ValueError, msgspec.ValidationError) as exc:
+            await dead_letter(self._js, msg, spec.name, f"not a {spec.input_type.__name__}: {exc}")
+            return
+
+        def attributes() -> dict[str, str | int]:
+            return {
+                "messaging.system": "nats",
+                "messaging.destination.name": msg.subject,
+                "messaging.operation.type": "process",
+                "messaging.consumer.group.name": spec.name,
+                "messaging.message.id": event.id,
+            }
+
+        name = f"process {spec.subject}"
+        with tracing.span(name, SpanKind.CONSUMER, msg.headers, attributes=attributes) as trace:
+            try:
+                outputs = spec.outputs(await spec.handler(typed))
+            except Exception as exc:
+                tracing.record_error(exc)
+                await self._failed(spec, msg, exc)
+                return
+            for n, (subject, data) in enumerate(outputs):
+                msg_id = f"{event.id}:{spec.name}:{n}"
+                with tracing.producer(subject, subject, trace, lambda: {}) as sent:
+                    try:
+                        await self._js.publish(
+                            subject, data, headers={**sent, "Nats-Msg-Id": msg_id}
+                        )
+                    except (TimeoutError, nats.errors.Error) as exc:
+                        # Not all out: the event comes back, and the copies are dropped.
+                        log.warning("%s: %s not published (%s)", spec.name, msg_id, exc)
+                        await msg.nak(delay=1.0)
+                        return
+        await msg.ack()
+
+    async def _failed(self, spec: ActorSpec, msg: Msg, exc: Exception) -> None:
+        assert self._js is not None
+        deliveries = msg.metadata.num_delivered
+        terminal = isinstance(exc, BadRequest | TypeError) or (
+            isinstance(exc, TaskError) and not exc.retryable
+        )
+        if terminal or deliveries >= self.settings.max_deliver:
+            reason = f"gave up after {deliveries} deliveries: {exc!r}"
+            await dead_letter(self._js, msg, spec.name, reason)
+            return
+        delay = _BACKOFF_S[min(deliveries, len(_BACKOFF_S)) - 1]
+        log.warning(
+            "%s failed (delivery %d), retry in %.0fs: %r", spec.name, deliveries, delay, exc
+        )
+        await msg.nak(delay=delay)
+
+
+def run_actors(name: str, specs: Sequence[ActorSpec]) -> None:
+    """The ``__main__`` of an actor service: run ``specs`` until a signal."""
+
+    async def main(settings: Settings, stop: asyncio.Event) -> None:
+        nc = await connect(settings, name)
+        actors = Actors(name, specs, settings)
+        await actors.start(nc)
+        await stop.wait()
+        await actors.stop()
+        await disconnect(nc)
+
+    run_service(name, main)

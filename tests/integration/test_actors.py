@@ -1,0 +1,134 @@
+"""Processor actors and scatter-gather on a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kapellmeister.actors import Actors, Emit, actor
+from kapellmeister.errors import TaskError
+from kapellmeister.gather import GATHERS, Gather
+from kapellmeister.topology import ensure_buckets, ensure_streams
+from tests.actor_chain import CHAIN
+from tests.support import dead_letters, stream_messages
+
+
+async def subjects(js, subject: str) -> list[Any]:
+    return [
+        msgspec.json.decode(m.data or b"") for m in await stream_messages(js, "EVENTS", subject)
+    ]
+
+
+async def until(check, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        assert loop.time() < deadline, "not in time"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def chain(nc, settings):
+    actors = Actors("chain", CHAIN, settings)
+    await actors.start(nc)
+    yield actors
+    await actors.stop()
+
+
+async def test_a_chain_of_actors_turns_one_event_into_its_downstream_events(nc, js, chain):
+    await js.publish("events.chain.started", b'{"n": 5}', headers={"Nats-Msg-Id": "c-1"})
+
+    async def finished() -> bool:
+        return bool(await subjects(js, "events.chain.finished"))
+
+    await until(finished)
+    assert await subjects(js, "events.chain.doubled") == [{"n": 10}]
+    assert await subjects(js, "events.chain.incremented") == [{"n": 11}]
+    assert await subjects(js, "events.chain.finished") == [{"n": 11}]
+    [done] = await stream_messages(js, "EVENTS", "events.chain.finished")
+    # Each id derives from the input's: a redelivery would publish the same ids again.
+    assert (done.headers or {})[
+        "Nats-Msg-Id"
+    ] == "c-1:Started-Double:0:Doubled-Increment:0:Incremented-Finish:0"
+
+
+class Order(msgspec.Struct):
+    item: str
+    quantity: int
+
+
+FLAKY: dict[str, int] = {}
+
+
+async def reserve(order: Order) -> list[Emit]:
+    if order.item == "broken":
+        raise TaskError("no such item", retryable=False)
+    if order.item == "flaky" and FLAKY.setdefault("left", 1) > 0:
+        FLAKY["left"] -= 1
+        raise RuntimeError("warehouse busy")
+    return [Emit(f"events.stock.{order.item}", {"reserved": order.quantity})] * 2
+
+
+async def test_failures_retry_then_dead_letter_and_bad_input_is_refused(nc, js, settings):
+    actors = Actors("shop", [actor("Order-Reserve", "events.order.placed", reserve)], settings)
+    await actors.start(nc)
+    try:
+        for n, body in enumerate(
+            [b'{"item": "flaky", "quantity": 2}', b'{"item": "broken", "quantity": 1}', b"{}"]
+        ):
+            await js.publish("events.order.placed", body, headers={"Nats-Msg-Id": f"o-{n}"})
+
+        async def reserved() -> bool:
+            return len(await subjects(js, "events.stock.flaky")) == 2
+
+        await until(reserved)  # the retry after one failure (backoff 1 s)
+        letters = await dead_letters(js, "deadletter.Order-Reserve")
+        await until(lambda: _count(js, "deadletter.Order-Reserve", 2))
+        letters = await dead_letters(js, "deadletter.Order-Reserve")
+    finally:
+        await actors.stop()
+    reasons = sorted(letter["reason"] for letter in letters)
+    assert "no such item" in reasons[0]
+    assert reasons[1].startswith("not a Order:")
+    assert await subjects(js, "events.stock.broken") == []
+
+
+async def _count(js, subject: str, count: int) -> bool:
+    return len(await stream_messages(js, "DEADLETTERS", subject)) >= count
+
+
+@pytest.fixture
+async def gathers(js):
+    await ensure_streams(js)
+    return (await ensure_buckets(js))[GATHERS]
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(seed=st.integers(0, 2**32), redeliveries=st.integers(0, 60))
+async def test_exactly_one_of_fifty_gatherers_completes_the_group(gathers, seed, redeliveries):
+    gather = Gather(gathers)
+    rng = random.Random(seed)
+    group = f"g-{seed}-{redeliveries}"
+    parts = [f"p{i}" for i in range(50)]
+    arrivals = parts + [rng.choice(parts) for _ in range(redeliveries)]
+    rng.shuffle(arrivals)
+    answers = await asyncio.gather(*(gather.arrive(group, part, 50) for part in arrivals))
+    completers = {part for part, yes in zip(arrivals, answers, strict=True) if yes}
+    assert len(completers) == 1
+    state = await gather.state(group)
+    assert state is not None
+    assert sorted(state.parts) == sorted(parts)
+    assert completers == {state.completer}
+    # A late redelivery of any part gets the same answer as before.
+    assert await gather.arrive(group, state.completer, 50) is True
+    assert await gather.arrive(group, next(p for p in parts if p != state.completer), 50) is False
