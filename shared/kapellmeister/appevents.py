@@ -1,0 +1,209 @@
+"""Application events (the seed's business events, inside one service).
+
+::
+
+    events = AppEvents.from_env("shop")
+    events.listen("order.placed", send_mail)               # in-process
+    events.listen("order.placed", bill, durable=True)      # on EVENTS: survives a crash
+    await events.start(nc)                                 # for the durable ones
+    events.emit("order.placed", {"order": 7})              # returns at once
+
+* ``emit`` never waits and never fails because of a listener: each local listener runs
+  in a task of its own, so one that raises or is slow affects neither the emitter nor
+  the other listeners (its error is logged with the event's name).
+* Durable listeners are backed by the EVENTS stream: once started, ``emit`` also
+  publishes the event on ``events.app.<event>`` (from a task; with a fresh
+  ``Nats-Msg-Id``), and each durable listener is an actor (`kapellmeister.actors`) on it
+  with its own durable consumer ``<event>-<listener>``: retried with backoff, dead-letter
+  after ``KAPELLMEISTER_MAX_DELIVER``, and what a crash interrupted is redelivered.
+* Switches, read at each emit (and, for durable listeners, at each delivery): an event,
+  a listener (everywhere), or an event-listener pair can each be turned off, by the
+  environment (``KAPELLMEISTER_EVENTS_OFF="order.placed"``,
+  ``KAPELLMEISTER_LISTENERS_OFF="send_mail"``,
+  ``KAPELLMEISTER_EVENT_LISTENERS_OFF="order.placed:bill"``, comma-separated) or a YAML /
+  JSON file named by ``KAPELLMEISTER_EVENTS_CONFIG`` (``{"events": {"order.placed":
+  false}, "listeners": {…}, "pairs": {"order.placed:bill": false}}``).
+* An event emitted with no listener (none registered, or all switched off) is logged
+  once as a warning, not at every emit. Registering the same listener twice for an
+  event raises `DuplicateListener` at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats.errors
+import yaml
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from kapellmeister.actors import Actors, actor
+from kapellmeister.config import Settings
+
+__all__ = ["AppEvents", "DuplicateListener", "Listener", "Switches"]
+
+log = logging.getLogger("kapellmeister.appevents")
+
+Listener = Callable[[Any], Awaitable[None]]
+_encode = msgspec.json.Encoder().encode
+
+
+class DuplicateListener(ValueError):
+    """The same listener registered twice for one event."""
+
+
+class Switches(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What is turned off: events, listeners (by name), and ``event:listener`` pairs."""
+
+    events: dict[str, bool] = {}
+    listeners: dict[str, bool] = {}
+    pairs: dict[str, bool] = {}
+
+    def on(self, event: str, listener: str | None = None) -> bool:
+        if not self.events.get(event, True):
+            return False
+        if listener is None:
+            return True
+        return self.listeners.get(listener, True) and self.pairs.get(f"{event}:{listener}", True)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Switches:
+        """Switches from ``KAPELLMEISTER_EVENTS_CONFIG`` (a file) and the ``…_OFF`` lists."""
+        env = os.environ if environ is None else environ
+        found: dict[str, dict[str, bool]] = {"events": {}, "listeners": {}, "pairs": {}}
+        config = env.get("KAPELLMEISTER_EVENTS_CONFIG")
+        if config:
+            loaded = msgspec.convert(yaml.safe_load(Path(config).read_text()) or {}, cls)
+            found = {k: dict(getattr(loaded, k)) for k in found}
+        for variable, kind in (
+            ("KAPELLMEISTER_EVENTS_OFF", "events"),
+            ("KAPELLMEISTER_LISTENERS_OFF", "listeners"),
+            ("KAPELLMEISTER_EVENT_LISTENERS_OFF", "pairs"),
+        ):
+            for name in filter(None, (n.strip() for n in env.get(variable, "").split(","))):
+                found[kind][name] = False
+        return cls(**found)
+
+
+class _Registered(msgspec.Struct, frozen=True):
+    name: str
+    listener: Listener
+    durable: bool
+
+
+class AppEvents:
+    """A service's application events: its listeners, switches, and durable log."""
+
+    def __init__(self, service: str, switches: Switches | None = None) -> None:
+        self.service = service
+        self.switches = switches or Switches()
+        self._listeners: dict[str, list[_Registered]] = {}
+        self._warned: set[str] = set()
+        self._running: set[asyncio.Task[None]] = set()
+        self._js: JetStreamContext | None = None
+        self._actors: Actors | None = None
+
+    @classmethod
+    def from_env(cls, service: str, environ: Mapping[str, str] | None = None) -> AppEvents:
+        return cls(service, Switches.from_env(environ))
+
+    def listen(
+        self, event: str, listener: Listener, *, name: str = "", durable: bool = False
+    ) -> None:
+        """Register ``listener`` (named ``name``, default its ``__name__``) for ``event``.
+
+        Raises:
+            DuplicateListener: that name already listens to ``event``.
+        """
+        name = name or getattr(listener, "__name__", repr(listener))
+        registered = self._listeners.setdefault(event, [])
+        if any(r.name == name for r in registered):
+            raise DuplicateListener(f"listener {name!r} is already registered for {event!r}")
+        registered.append(_Registered(name, listener, durable))
+
+    def emit(self, event: str, payload: Any) -> None:
+        """Hand ``payload`` to ``event``'s listeners and return at once."""
+        if not self.switches.on(event):
+            return
+        listeners = [r for r in self._listeners.get(event, []) if self.switches.on(event, r.name)]
+        if not listeners and event not in self._warned:
+            self._warned.add(event)
+            log.warning("%s: event %r emitted with no listener", self.service, event)
+        loop = asyncio.get_running_loop()
+        for registered in listeners:
+            if not registered.durable:
+                self._track(loop.create_task(self._call(event, registered, payload)))
+        if self._js is not None:
+            self._track(loop.create_task(self._publish(event, payload)))
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Wait (bounded) for the listeners and publishes running now."""
+        if self._running:
+            await asyncio.wait(set(self._running), timeout=timeout)
+
+    async def start(self, nc: Client, settings: Settings | None = None) -> None:
+        """Publish emitted events on EVENTS and run the durable listeners from now on."""
+        settings = settings or Settings.from_env()
+        self._js = nc.jetstream()
+        specs = [
+            actor(
+                f"{_token(event)}-{_token(r.name)}",
+                f"events.app.{event}",
+                self._durable_handler(event, r),
+            )
+            for event, registered in self._listeners.items()
+            for r in registered
+            if r.durable
+        ]
+        self._actors = Actors(f"{self.service}-events", specs, settings)
+        await self._actors.start(nc)
+
+    async def stop(self) -> None:
+        await self.drain()
+        if self._actors is not None:
+            await self._actors.stop()
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _call(self, event: str, registered: _Registered, payload: Any) -> None:
+        try:
+            await registered.listener(payload)
+        except Exception:
+            log.exception("%s: listener %r failed on %r", self.service, registered.name, event)
+
+    async def _publish(self, event: str, payload: Any) -> None:
+        assert self._js is not None
+        try:
+            await self._js.publish(
+                f"events.app.{event}",
+                _encode(payload),
+                headers={"Nats-Msg-Id": str(uuid.uuid4())},
+            )
+        except (TimeoutError, nats.errors.Error) as exc:
+            log.error(
+                "%s: event %r not stored for its durable listeners: %s", self.service, event, exc
+            )
+
+    def _durable_handler(
+        self, event: str, registered: _Registered
+    ) -> Callable[[Any], Awaitable[None]]:
+        async def handle(payload: Any) -> None:
+            if self.switches.on(event, registered.name):
+                await registered.listener(payload)
+
+        return handle
+
+
+def _token(name: str) -> str:
+    """A name as a consumer-name token: ``order.placed`` → ``order_placed``."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", name)
