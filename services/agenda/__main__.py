@@ -1,6 +1,7 @@
 """The agenda agent: ``python -m services.agenda`` (the container entrypoint)."""
 
 from kapellmeister import run_agent, task
+from services.agenda.actors import ACTORS
 from services.agenda.handlers import activity
 
 
@@ -9,6 +10,7 @@ def main() -> None:
         "agenda",
         [task("agenda.activity", activity)],
         description="The agenda: what the user does at a given hour of the week",
+        actors=ACTORS,
     )
 
 

@@ -50,6 +50,9 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError
+from nats.js.kv import KeyValue
 from nats.micro import add_service
 from nats.micro.service import Service
 from opentelemetry.trace import SpanKind
@@ -64,7 +67,7 @@ from kapellmeister.runtime import connect, disconnect, run_service
 from kapellmeister.topology import EVENTS, ensure_buckets, ensure_consumer, ensure_streams
 from kapellmeister.triggers import unwrap
 
-__all__ = ["ActorSpec", "Actors", "Emit", "actor", "run_actors"]
+__all__ = ["ActorContext", "ActorSpec", "Actors", "Emit", "actor", "run_actors"]
 
 log = logging.getLogger("kapellmeister.actors")
 
@@ -80,6 +83,26 @@ class Emit(msgspec.Struct, frozen=True):
     data: Any
 
 
+class ActorContext:
+    """What a handler may ask of the runtime, as an optional second parameter: the
+    event's id, and KV buckets for the state actors share (created if missing)."""
+
+    def __init__(self, js: JetStreamContext, event_id: str, buckets: dict[str, KeyValue]) -> None:
+        self.event_id = event_id
+        self._js = js
+        self._buckets = buckets
+
+    async def bucket(self, name: str) -> KeyValue:
+        if name not in self._buckets:
+            try:
+                self._buckets[name] = await self._js.key_value(name)
+            except BucketNotFoundError:
+                self._buckets[name] = await self._js.create_key_value(
+                    KeyValueConfig(bucket=name, history=1, storage=StorageType.FILE)
+                )
+        return self._buckets[name]
+
+
 Out = msgspec.Struct | Emit
 Returned = Out | Sequence[Out] | None
 
@@ -91,7 +114,7 @@ class ActorSpec:
         self,
         name: str,
         subject: str,
-        handler: Callable[[Any], Awaitable[Returned]],
+        handler: Callable[..., Awaitable[Returned]],
         emits: Mapping[type[msgspec.Struct], str] | None = None,
     ) -> None:
         if not NAME_PATTERN.match(name):
@@ -100,8 +123,11 @@ class ActorSpec:
             raise ValueError(f"an actor listens on events.…, not {subject!r}")
         hints = typing.get_type_hints(handler)
         params = [p for p in hints if p != "return"]
-        if len(params) != 1:
-            raise TypeError(f"{name}: the handler must be `async def h(event: In) -> ...`")
+        if len(params) not in (1, 2):
+            raise TypeError(
+                f"{name}: the handler must be `async def h(event: In[, ctx: ActorContext])`"
+            )
+        self.wants_context = len(params) == 2
         self.name, self.subject, self.handler = name, subject, handler
         self.input_type: type[Any] = hints[params[0]]
         self.emits = dict(emits or {})
@@ -125,7 +151,7 @@ class ActorSpec:
 def actor(
     name: str,
     subject: str,
-    handler: Callable[[Any], Awaitable[Returned]],
+    handler: Callable[..., Awaitable[Returned]],
     *,
     emits: Mapping[type[msgspec.Struct], str] | None = None,
 ) -> ActorSpec:
@@ -141,6 +167,7 @@ class Actors:
         self._js: JetStreamContext | None = None
         self._workers: list[PullWorker] = []
         self._service: Service | None = None
+        self._buckets: dict[str, KeyValue] = {}
 
     async def start(self, nc: Client) -> None:
         self._js = nc.jetstream()
@@ -195,17 +222,25 @@ class Actors:
                 "messaging.message.id": event.id,
             }
 
+        # An event a workflow published names it: the actor's step joins its logs.
+        workflow_id = event.data.get("workflow_id") if isinstance(event.data, dict) else None
+        about = {"workflow.id": workflow_id} if isinstance(workflow_id, str) else {}
         name = f"process {spec.subject}"
-        with tracing.span(name, SpanKind.CONSUMER, msg.headers, attributes=attributes) as trace:
+        with tracing.span(name, SpanKind.CONSUMER, msg.headers, about, attributes) as trace:
             try:
-                outputs = spec.outputs(await spec.handler(typed))
+                if spec.wants_context:
+                    context = ActorContext(self._js, event.id, self._buckets)
+                    returned = await spec.handler(typed, context)
+                else:
+                    returned = await spec.handler(typed)
+                outputs = spec.outputs(returned)
             except Exception as exc:
                 tracing.record_error(exc)
                 await self._failed(spec, msg, exc)
                 return
             for n, (subject, data) in enumerate(outputs):
                 msg_id = f"{event.id}:{spec.name}:{n}"
-                with tracing.producer(subject, subject, trace, lambda: {}) as sent:
+                with tracing.producer(subject, subject, trace, lambda: about) as sent:
                     try:
                         await self._js.publish(
                             subject, data, headers={**sent, "Nats-Msg-Id": msg_id}

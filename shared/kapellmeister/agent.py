@@ -47,6 +47,7 @@ from nats.micro.service import Service
 from opentelemetry.trace import SpanKind
 
 from kapellmeister import tracing
+from kapellmeister.actors import Actors, ActorSpec
 from kapellmeister.config import Settings
 from kapellmeister.consumer import PullWorker
 from kapellmeister.deadletter import dead_letter, record_dead_letter
@@ -440,15 +441,26 @@ class _Cancelled(Exception):
 
 
 def run_agent(
-    name: str, tasks: Sequence[TaskSpec[Any, Any]], *, version: str = "0.1.0", description: str = ""
+    name: str,
+    tasks: Sequence[TaskSpec[Any, Any]],
+    *,
+    version: str = "0.1.0",
+    description: str = "",
+    actors: Sequence[ActorSpec] = (),
 ) -> None:
-    """The ``__main__`` of an agent service: settings from the environment, run until a signal."""
+    """The ``__main__`` of an agent service: settings from the environment, run until a
+    signal. ``actors`` run in the same process (as the micro service ``<name>-actors``)."""
 
     async def main(settings: Settings, stop: asyncio.Event) -> None:
         nc = await connect(settings, name)
         agent = Agent(name, tasks, settings, version=version, description=description)
         await agent.start(nc)
+        reactors = Actors(f"{name}-actors", actors, settings) if actors else None
+        if reactors is not None:
+            await reactors.start(nc)
         await stop.wait()
+        if reactors is not None:
+            await reactors.stop()
         await agent.stop()
         await disconnect(nc)
 

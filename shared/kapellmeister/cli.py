@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import importlib
 import os
 import sys
@@ -24,11 +25,12 @@ import nats
 import nats.errors
 import yaml
 from nats.aio.client import Client
+from nats.js.api import DeliverPolicy
 from nats.js.errors import BucketNotFoundError, NoKeysError, NotFoundError
 
 from kapellmeister.config import Settings
 from kapellmeister.deadletter import DeadLetter
-from kapellmeister.topology import DEADLETTERS
+from kapellmeister.topology import DEADLETTERS, EVENTS
 
 __all__ = ["main", "request"]
 
@@ -394,6 +396,32 @@ async def _replay(settings: Settings, seq: int, letter: DeadLetter) -> None:
         await nc.drain()
 
 
+async def _tail(settings: Settings, subject: str, replay: bool, count: int) -> None:
+    """Print each event on ``subject`` as ``<subject> <data>``, as it is stored (and, with
+    ``replay``, those already kept first); stop after ``count`` if it is set."""
+    nc = await _connect(settings)
+    try:
+        subscription = await nc.jetstream().subscribe(
+            subject,
+            stream=EVENTS,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL if replay else DeliverPolicy.NEW,
+        )
+        seen = 0
+        async for msg in subscription.messages:
+            print(f"{msg.subject} {msg.data.decode(errors='replace')}", flush=True)
+            seen += 1
+            if count and seen >= count:
+                break
+    finally:
+        await nc.close()  # a reader: nothing to flush (a drain would wait on the consumer)
+
+
+def _events(args: argparse.Namespace) -> None:
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends a tail
+        asyncio.run(_tail(Settings.from_env(), args.subject, args.all, args.count))
+
+
 async def _registered_tasks(settings: Settings) -> dict[str, Any]:
     """Every entry of the ``tasks`` bucket (what the agents registered), by task name."""
     nc = await _connect(settings)
@@ -575,6 +603,13 @@ def _parser() -> argparse.ArgumentParser:
     dlq_replay = dlq_commands.add_parser("replay", help="publish a dead letter's message again")
     dlq_replay.add_argument("seq", type=int, help="its sequence, as `dlq list` shows")
     dlq.set_defaults(handler=_dlq)
+    events = commands.add_parser("events", help="the EVENTS stream")
+    events_commands = events.add_subparsers(dest="events_command", required=True)
+    tail = events_commands.add_parser("tail", help="print events as they are stored")
+    tail.add_argument("subject", nargs="?", default="events.>", help="default: events.>")
+    tail.add_argument("--all", action="store_true", help="first the events already kept")
+    tail.add_argument("--count", type=int, default=0, help="stop after this many")
+    events.set_defaults(handler=_events)
     return parser
 
 

@@ -17,7 +17,7 @@ import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-__all__ = ["GATHERS", "Gather", "GroupState"]
+__all__ = ["GATHERS", "Counter", "Gather", "GroupState"]
 
 GATHERS = "gathers"
 
@@ -72,3 +72,42 @@ class Gather:
         except KeyNotFoundError:
             return None
         return _decode(entry.value or b"{}")
+
+
+class _Count(msgspec.Struct):
+    count: int = 0
+    ids: list[str] = []
+
+
+_decode_count = msgspec.json.Decoder(_Count).decode
+
+
+class Counter:
+    """Counts in a KV bucket, idempotent by the id of what is counted: a redelivered
+    event (the same id) is not counted twice. Remembers the last ``remember`` ids."""
+
+    def __init__(self, kv: KeyValue, remember: int = 1000) -> None:
+        self.kv = kv
+        self.remember = remember
+
+    async def add(self, key: str, counted_id: str) -> int:
+        """Count ``counted_id`` under ``key`` (once); the count after it."""
+        while True:
+            try:
+                entry = await self.kv.get(key)
+            except KeyNotFoundError:
+                state, revision = _Count(), 0
+            else:
+                state, revision = _decode_count(entry.value or b"{}"), entry.revision or 0
+            if counted_id in state.ids:
+                return state.count
+            state.count += 1
+            state.ids = [*state.ids, counted_id][-self.remember :]
+            try:
+                if revision:
+                    await self.kv.update(key, _encode(state), last=revision)
+                else:
+                    await self.kv.create(key, _encode(state))
+            except KeyWrongLastSequenceError:
+                continue
+            return state.count

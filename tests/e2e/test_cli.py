@@ -263,3 +263,12 @@ async def test_dead_letters_are_listed_and_replayed(nats_url, js, agents):
     ]
     missing = run("dlq", "replay", "999")
     assert missing.returncode == 1
+
+
+async def test_events_tail_prints_the_events_as_stored(nats_url, js, conductor):
+    run = cli(nats_url)
+    for n in range(3):
+        await js.publish(f"events.tail.t{n}", f'{{"n": {n}}}'.encode())
+    shown = await asyncio.to_thread(run, "events", "tail", "events.tail.>", "--all", "--count", "2")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines() == ['events.tail.t0 {"n": 0}', 'events.tail.t1 {"n": 1}']

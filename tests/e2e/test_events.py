@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 from kapellmeister.processes import ServiceProcess, wait_for_services
-from tests.support import call
+from tests.support import call, stream_messages
 
 pytestmark = pytest.mark.e2e
 
@@ -71,6 +71,44 @@ async def test_an_event_starts_one_workflow_across_a_crash_before_its_ack(
         history = await kv.history("greeting-signup-42")
         assert len(history) == 1  # created once; the redelivery wrote nothing
         assert (await js.stream_info("EVENTS")).state.messages == 1
+    finally:
+        for process in processes:
+            process.stop()
+
+
+async def test_the_agendas_actors_tally_activities_and_notify_approvals(nats_url, nc, js, tmp_path):
+    processes = [
+        ServiceProcess(name, nats_url, tmp_path / f"{name}.log", ENV).start()
+        for name in ("weather", "agenda", "conductor")
+    ]
+    try:
+        await wait_for_services(
+            nc, ["weather", "agenda", "agenda-actors", "conductor"], processes=processes
+        )
+        for n, when in enumerate(("2026-11-21T12:00:00", "2026-11-22T12:00:00")):
+            body = {"user": "ann", "datetime": when}
+            await call(nc, "conductor.start.plan_day", body, {"Workflow-Id": f"ev-{n}"})
+        await call(nc, "conductor.start.approval", {"money": 100}, {"Workflow-Id": "ev-pay"})
+        for ref in ("approval_1", "approval_2"):
+            await call(nc, f"conductor.signal.ev-pay.{ref}", {"status": "ok", "approver": "a"})
+        tallied: list[dict[str, object]] = []
+        for _ in range(200):
+            tallied = [
+                msgspec.json.decode(m.data or b"")
+                for m in await stream_messages(js, "EVENTS", "events.activity.tallied")
+            ]
+            sent = await stream_messages(js, "EVENTS", "events.notification.sent")
+            if len(tallied) == 2 and sent:
+                break
+            await asyncio.sleep(0.05)
+        assert sorted(t["count"] for t in tallied) == [1, 2]  # type: ignore[type-var]
+        assert {t["user"] for t in tallied} == {"ann"}
+        [notice] = sent
+        assert msgspec.json.decode(notice.data or b"") == {
+            "to": "finance",
+            "text": "pay 100 (approved in ev-pay)",
+            "workflow_id": "ev-pay",
+        }
     finally:
         for process in processes:
             process.stop()

@@ -140,12 +140,22 @@ async def test_plan_day_is_one_trace_across_the_three_services(nc, js, services,
         assert process.attributes["messaging.system"] == "nats"
         assert process.attributes["messaging.destination.name"] == f"tasks.{task}"
         assert process.attributes["task.attempt"] == 1
-        [reply] = [s for s in spans if s.service == agent and s.kind == "PRODUCER"]
+        [reply] = [
+            s for s in spans if s.service == agent and s.name == "publish results.{workflow_id}"
+        ]
         assert parent(reply, spans) == process
         [applied] = [s for s in spans if s.kind == "CONSUMER" and parent(s, spans) == reply]
         assert (applied.service, applied.name) == ("conductor", "process results.{workflow_id}")
         assert applied.attributes["task.ref"] == task.split(".")[0]
     assert all(s.error is None for s in spans)
+    # The agenda's tally actor, reacting to the workflow's event, continues the trace too.
+    await otlp.until(
+        lambda: any(s.name == "publish events.activity.tallied" for s in otlp.trace(CALLER_TRACE))
+    )
+    spans = otlp.trace(CALLER_TRACE)
+    [chosen] = [s for s in spans if s.name == "publish events.activity.chosen"]
+    [tally] = [s for s in spans if s.name == "process events.activity.chosen"]
+    assert (tally.service, parent(tally, spans)) == ("agenda", chosen)
 
 
 async def test_a_conductor_restart_keeps_the_approval_in_one_trace(nc, js, services, otlp):
