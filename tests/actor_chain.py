@@ -2,15 +2,18 @@
 
 ``events.chain.started {n}`` → Started-Double emits ``events.chain.doubled {n: 2n}`` →
 Doubled-Increment emits ``events.chain.incremented {n: 2n+1}`` → Incremented-Finish
-emits ``events.chain.finished {n}``. ``FAULTS_CRASH_AT=after-publish:N`` plants a SIGKILL
-before the process's Nth ack (see tests/faults/crashing_conductor.py).
+emits ``events.chain.finished {n}``. ``CHAIN_CRASH_ON=<subject>`` plants a SIGKILL
+right before the process acks a message on that subject: after the actor that got it
+published what it returned.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 
 import msgspec
+from nats.aio.msg import Msg
 
 from kapellmeister.actors import ActorSpec, actor, run_actors
 
@@ -62,9 +65,19 @@ CHAIN: list[ActorSpec] = [
 ]
 
 
-if __name__ == "__main__":
-    if "FAULTS_CRASH_AT" in os.environ:
-        from tests.faults.crashing_conductor import plant
+def crash_on(subject: str) -> None:
+    """SIGKILL this process right before it acks a message on ``subject``."""
+    ack = Msg.ack
 
-        plant(os.environ["FAULTS_CRASH_AT"])
+    async def crash_then_ack(self: Msg) -> None:
+        if self.subject == subject:
+            os.kill(os.getpid(), signal.SIGKILL)
+        await ack(self)
+
+    Msg.ack = crash_then_ack  # type: ignore[method-assign]
+
+
+if __name__ == "__main__":
+    if "CHAIN_CRASH_ON" in os.environ:
+        crash_on(os.environ["CHAIN_CRASH_ON"])
     run_actors("chain", CHAIN)

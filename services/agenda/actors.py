@@ -44,7 +44,7 @@ class Notification(msgspec.Struct, frozen=True):
 async def tally(event: ActivityChosen, ctx: ActorContext) -> Tallied:
     """One more activity chosen for this user."""
     counter = Counter(await ctx.bucket(COUNTS))
-    count = await counter.add(_key(event.user), ctx.event_id)
+    count = await counter.add(event.user, ctx.event_id)
     return Tallied(user=event.user, activity=event.activity, count=count)
 
 
@@ -55,10 +55,6 @@ async def notify(event: ApprovalGranted) -> Notification:
         text=f"pay {event.money} (approved in {event.workflow_id})",
         workflow_id=event.workflow_id,
     )
-
-
-def _key(user: str) -> str:
-    return "".join(c if c.isascii() and (c.isalnum() or c in "_-") else "_" for c in user)
 
 
 ACTORS = [

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import inspect
 import logging
 import re
 import typing
@@ -63,11 +65,20 @@ from kapellmeister.consumer import PullWorker
 from kapellmeister.deadletter import dead_letter
 from kapellmeister.definitions import TRIGGER_PATTERN
 from kapellmeister.errors import BadRequest, TaskError
+from kapellmeister.micro import stop_service
 from kapellmeister.runtime import connect, disconnect, run_service
 from kapellmeister.topology import EVENTS, ensure_buckets, ensure_consumer, ensure_streams
 from kapellmeister.triggers import unwrap
 
-__all__ = ["ActorContext", "ActorSpec", "Actors", "Emit", "actor", "run_actors"]
+__all__ = [
+    "ActorContext",
+    "ActorSpec",
+    "Actors",
+    "Emit",
+    "UnknownOutput",
+    "actor",
+    "run_actors",
+]
 
 log = logging.getLogger("kapellmeister.actors")
 
@@ -83,14 +94,25 @@ class Emit(msgspec.Struct, frozen=True):
     data: Any
 
 
+class UnknownOutput(Exception):
+    """A handler returned something its actor has no subject for (a bug: not retried)."""
+
+
 class ActorContext:
     """What a handler may ask of the runtime, as an optional second parameter: the
     event's id, and KV buckets for the state actors share (created if missing)."""
 
-    def __init__(self, js: JetStreamContext, event_id: str, buckets: dict[str, KeyValue]) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        event_id: str,
+        buckets: dict[str, KeyValue],
+        replicas: int = 1,
+    ) -> None:
         self.event_id = event_id
         self._js = js
         self._buckets = buckets
+        self._replicas = replicas
 
     async def bucket(self, name: str) -> KeyValue:
         if name not in self._buckets:
@@ -98,7 +120,12 @@ class ActorContext:
                 self._buckets[name] = await self._js.key_value(name)
             except BucketNotFoundError:
                 self._buckets[name] = await self._js.create_key_value(
-                    KeyValueConfig(bucket=name, history=1, storage=StorageType.FILE)
+                    KeyValueConfig(
+                        bucket=name,
+                        history=1,
+                        storage=StorageType.FILE,
+                        replicas=self._replicas,
+                    )
                 )
         return self._buckets[name]
 
@@ -121,9 +148,9 @@ class ActorSpec:
             raise ValueError(f"an actor is named <EventType>-<Listener>, not {name!r}")
         if not re.match(TRIGGER_PATTERN, subject):
             raise ValueError(f"an actor listens on events.…, not {subject!r}")
+        params = list(inspect.signature(handler).parameters)
         hints = typing.get_type_hints(handler)
-        params = [p for p in hints if p != "return"]
-        if len(params) not in (1, 2):
+        if len(params) not in (1, 2) or params[0] not in hints:
             raise TypeError(
                 f"{name}: the handler must be `async def h(event: In[, ctx: ActorContext])`"
             )
@@ -144,7 +171,7 @@ class ActorSpec:
             elif type(item) in self.emits:
                 found.append((self.emits[type(item)], _encode(item)))
             else:
-                raise TypeError(f"{self.name}: no subject for a {type(item).__name__}")
+                raise UnknownOutput(f"{self.name}: no subject for a {type(item).__name__}")
         return found
 
 
@@ -202,7 +229,7 @@ class Actors:
     async def stop(self) -> None:
         await asyncio.gather(*(w.stop(self.settings.ack_wait_s) for w in self._workers))
         if self._service is not None:
-            await self._service.stop()
+            await stop_service(self._service)
 
     async def _run(self, spec: ActorSpec, msg: Msg) -> None:
         assert self._js is not None
@@ -228,34 +255,41 @@ class Actors:
         name = f"process {spec.subject}"
         with tracing.span(name, SpanKind.CONSUMER, msg.headers, about, attributes) as trace:
             try:
-                if spec.wants_context:
-                    context = ActorContext(self._js, event.id, self._buckets)
-                    returned = await spec.handler(typed, context)
-                else:
-                    returned = await spec.handler(typed)
-                outputs = spec.outputs(returned)
-            except Exception as exc:
-                tracing.record_error(exc)
-                await self._failed(spec, msg, exc)
-                return
-            for n, (subject, data) in enumerate(outputs):
-                msg_id = f"{event.id}:{spec.name}:{n}"
-                with tracing.producer(subject, subject, trace, lambda: about) as sent:
-                    try:
+                context = ActorContext(self._js, event.id, self._buckets, self.settings.replicas)
+                call = spec.handler(typed, context) if spec.wants_context else spec.handler(typed)
+                outputs = spec.outputs(await self._heartbeating(call, msg))
+                # Ids from the input's (a digest once long, so a chain's ids stay short):
+                # a redelivery publishes the same ids again, and JetStream drops them.
+                base = event.id if len(event.id) <= 64 else _digest(event.id)
+                for n, (subject, data) in enumerate(outputs):
+                    msg_id = f"{base}:{spec.name}:{n}"
+                    with tracing.producer(subject, subject, trace, lambda: about) as sent:
                         await self._js.publish(
                             subject, data, headers={**sent, "Nats-Msg-Id": msg_id}
                         )
-                    except (TimeoutError, nats.errors.Error) as exc:
-                        # Not all out: the event comes back, and the copies are dropped.
-                        log.warning("%s: %s not published (%s)", spec.name, msg_id, exc)
-                        await msg.nak(delay=1.0)
-                        return
+            except Exception as exc:  # the handler's, or a publish that did not land
+                tracing.record_error(exc)
+                await self._failed(spec, msg, exc)
+                return
         await msg.ack()
+
+    async def _heartbeating(self, call: Awaitable[Returned], msg: Msg) -> Returned:
+        """Await the handler, telling JetStream it is alive every third of the ack wait
+        (else a long handler is redelivered and runs twice at once)."""
+        running = asyncio.ensure_future(call)
+        while True:
+            done, _ = await asyncio.wait({running}, timeout=self.settings.ack_wait_s / 3)
+            if done:
+                return running.result()
+            try:
+                await msg.in_progress()
+            except nats.errors.Error as exc:
+                log.warning("in-progress ack not sent: %s", exc)
 
     async def _failed(self, spec: ActorSpec, msg: Msg, exc: Exception) -> None:
         assert self._js is not None
         deliveries = msg.metadata.num_delivered
-        terminal = isinstance(exc, BadRequest | TypeError) or (
+        terminal = isinstance(exc, BadRequest | UnknownOutput) or (
             isinstance(exc, TaskError) and not exc.retryable
         )
         if terminal or deliveries >= self.settings.max_deliver:
@@ -267,6 +301,10 @@ class Actors:
             "%s failed (delivery %d), retry in %.0fs: %r", spec.name, deliveries, delay, exc
         )
         await msg.nak(delay=delay)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def run_actors(name: str, specs: Sequence[ActorSpec]) -> None:

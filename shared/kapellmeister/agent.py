@@ -56,7 +56,7 @@ from kapellmeister.errors import BadRequest, TaskError
 from kapellmeister.lease import LEASES, Lease, lease_key
 from kapellmeister.messages import Failure, Json, TaskRequest, TaskResult
 from kapellmeister.metrics import metrics
-from kapellmeister.micro import add_endpoint, error_detail
+from kapellmeister.micro import add_endpoint, error_detail, stop_service
 from kapellmeister.runtime import connect, disconnect, run_service, utc_now
 from kapellmeister.topology import (
     TASKS,
@@ -231,7 +231,7 @@ class Agent:
         if self._heartbeats is not None:
             self._heartbeats.cancel()
         if self._service is not None:
-            await self._service.stop()
+            await stop_service(self._service)
 
     @property
     def worker_id(self) -> str:

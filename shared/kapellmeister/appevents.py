@@ -14,8 +14,9 @@
 * Durable listeners are backed by the EVENTS stream: once started, ``emit`` also
   publishes the event on ``events.app.<event>`` (from a task; with a fresh
   ``Nats-Msg-Id``), and each durable listener is an actor (`kapellmeister.actors`) on it
-  with its own durable consumer ``<event>-<listener>``: retried with backoff, dead-letter
-  after ``KAPELLMEISTER_MAX_DELIVER``, and what a crash interrupted is redelivered.
+  with its own durable consumer ``<event>-<service>_<listener>``: retried with backoff,
+  dead-lettered after ``KAPELLMEISTER_MAX_DELIVER``, and what a crash interrupted is
+  redelivered.
 * Switches, read at each emit (and, for durable listeners, at each delivery): an event,
   a listener (everywhere), or an event-listener pair can each be turned off, by the
   environment (``KAPELLMEISTER_EVENTS_OFF="order.placed"``,
@@ -40,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import nats.errors
 import yaml
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -127,6 +127,19 @@ class AppEvents:
         registered = self._listeners.setdefault(event, [])
         if any(r.name == name for r in registered):
             raise DuplicateListener(f"listener {name!r} is already registered for {event!r}")
+        if durable:
+            if self._actors is not None:
+                raise RuntimeError(f"{name!r}: a durable listener is registered before start()")
+            consumer = self._consumer(event, name)
+            taken = {
+                self._consumer(e, r.name): (e, r.name)
+                for e, rs in self._listeners.items()
+                for r in rs
+                if r.durable
+            }
+            if consumer in taken:
+                other = taken[consumer]
+                raise DuplicateListener(f"{event!r}/{name!r} and {other} share {consumer!r}")
         registered.append(_Registered(name, listener, durable))
 
     def emit(self, event: str, payload: Any) -> None:
@@ -142,7 +155,15 @@ class AppEvents:
             if not registered.durable:
                 self._track(loop.create_task(self._call(event, registered, payload)))
         if self._js is not None:
-            self._track(loop.create_task(self._publish(event, payload)))
+            # Encoded now: a payload that cannot be is the emitter's bug, raised here.
+            self._track(loop.create_task(self._publish(event, _encode(payload))))
+        elif any(r.durable for r in listeners) and f"{event}:unstarted" not in self._warned:
+            self._warned.add(f"{event}:unstarted")
+            log.warning(
+                "%s: event %r emitted before start(): its durable listeners miss it",
+                self.service,
+                event,
+            )
 
     async def drain(self, timeout: float = 10.0) -> None:
         """Wait (bounded) for the listeners and publishes running now."""
@@ -155,7 +176,7 @@ class AppEvents:
         self._js = nc.jetstream()
         specs = [
             actor(
-                f"{_token(event)}-{_token(r.name)}",
+                self._consumer(event, r.name),
                 f"events.app.{event}",
                 self._durable_handler(event, r),
             )
@@ -181,15 +202,18 @@ class AppEvents:
         except Exception:
             log.exception("%s: listener %r failed on %r", self.service, registered.name, event)
 
-    async def _publish(self, event: str, payload: Any) -> None:
+    def _consumer(self, event: str, listener: str) -> str:
+        """A durable listener's consumer: ``<event>-<service>_<listener>``, so two
+        services' listeners of one name stay apart."""
+        return f"{_token(event)}-{_token(self.service)}_{_token(listener)}"
+
+    async def _publish(self, event: str, data: bytes) -> None:
         assert self._js is not None
         try:
             await self._js.publish(
-                f"events.app.{event}",
-                _encode(payload),
-                headers={"Nats-Msg-Id": str(uuid.uuid4())},
+                f"events.app.{event}", data, headers={"Nats-Msg-Id": str(uuid.uuid4())}
             )
-        except (TimeoutError, nats.errors.Error) as exc:
+        except Exception as exc:  # a task of its own: nothing above it to catch
             log.error(
                 "%s: event %r not stored for its durable listeners: %s", self.service, event, exc
             )

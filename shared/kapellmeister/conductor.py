@@ -82,6 +82,7 @@ from kapellmeister.messages import (
     utc_text,
 )
 from kapellmeister.metrics import metrics
+from kapellmeister.micro import stop_service
 from kapellmeister.recovery import Recovery, is_old
 from kapellmeister.registry import DefinitionStore, Registry
 from kapellmeister.store import CasConflict, SagaStore, Versioned
@@ -220,7 +221,7 @@ class Conductor:
         if self._worker is not None:
             await self._worker.stop(self.settings.ack_wait_s)
         if self._service is not None:
-            await self._service.stop()
+            await stop_service(self._service)
         if self._definitions is not None:
             await self._definitions.stop()
 

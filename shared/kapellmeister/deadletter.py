@@ -48,8 +48,13 @@ async def record_dead_letter(
     sequence: int,
     headers: dict[str, str],
     data: bytes,
+    about: str = "",
 ) -> bool:
-    """Publish a dead-letter record; False if it could not be stored."""
+    """Publish a dead-letter record; False if it could not be stored.
+
+    Its ``Nats-Msg-Id`` names the original message, the service and ``about`` (which of
+    the service's uses of it failed), so a redelivered failure is recorded once while
+    two services, or two triggers, failing on one message each get their record."""
     record = DeadLetter(
         service=service,
         reason=reason,
@@ -60,7 +65,7 @@ async def record_dead_letter(
         data_base64=base64.b64encode(data).decode(),
         at=utc_now(),
     )
-    msg_id = f"dlq:{stream}:{sequence}"
+    msg_id = f"dlq:{stream}:{sequence}:{service}" + (f":{about}" if about else "")
     log.error("dead letter %s from %s: %s", msg_id, subject, reason)
     try:
         await js.publish(f"deadletter.{service}", _encode(record), headers={"Nats-Msg-Id": msg_id})

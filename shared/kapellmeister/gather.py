@@ -13,13 +13,28 @@ dropped), whatever the interleaving.
 
 from __future__ import annotations
 
+import hashlib
+import re
+from typing import Final
+
 import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-__all__ = ["GATHERS", "Counter", "Gather", "GroupState"]
+__all__ = ["GATHERS", "Counter", "Gather", "GroupState", "kv_key"]
 
 GATHERS = "gathers"
+
+
+_KEY: Final = re.compile(r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*$")
+
+
+def kv_key(name: str) -> str:
+    """``name`` as a KV key: itself when it is one, else ``h.<digest>`` (any text may
+    name a group or a counter, and two different names never share a key)."""
+    if _KEY.match(name) and not name.startswith("h."):
+        return name
+    return "h." + hashlib.sha256(name.encode()).hexdigest()
 
 
 class GroupState(msgspec.Struct):
@@ -43,6 +58,7 @@ class Gather:
     async def arrive(self, group: str, part: str, expected: int) -> bool:
         """Record ``part`` of ``group`` (of ``expected`` parts); True iff this part's
         arrival completed the group."""
+        group = kv_key(group)
         while True:
             try:
                 entry = await self.kv.get(group)
@@ -55,8 +71,8 @@ class Gather:
             if part in state.parts:
                 return state.completer == part  # a redelivery: the first answer again
             state.parts.append(part)
-            if len(state.parts) >= state.expected:
-                state.completer = part
+            if not state.completer and len(state.parts) >= state.expected:
+                state.completer = part  # once: a part beyond the set completes nothing
             try:
                 if revision:
                     await self.kv.update(group, _encode(state), last=revision)
@@ -68,7 +84,7 @@ class Gather:
 
     async def state(self, group: str) -> GroupState | None:
         try:
-            entry = await self.kv.get(group)
+            entry = await self.kv.get(kv_key(group))
         except KeyNotFoundError:
             return None
         return _decode(entry.value or b"{}")
@@ -76,7 +92,8 @@ class Gather:
 
 class _Count(msgspec.Struct):
     count: int = 0
-    ids: list[str] = []
+    # The count each remembered id got, oldest first.
+    ids: dict[str, int] = {}
 
 
 _decode_count = msgspec.json.Decoder(_Count).decode
@@ -84,14 +101,16 @@ _decode_count = msgspec.json.Decoder(_Count).decode
 
 class Counter:
     """Counts in a KV bucket, idempotent by the id of what is counted: a redelivered
-    event (the same id) is not counted twice. Remembers the last ``remember`` ids."""
+    event (the same id) is not counted twice and gets the count it got the first time.
+    Remembers the last ``remember`` ids."""
 
     def __init__(self, kv: KeyValue, remember: int = 1000) -> None:
         self.kv = kv
         self.remember = remember
 
     async def add(self, key: str, counted_id: str) -> int:
-        """Count ``counted_id`` under ``key`` (once); the count after it."""
+        """Count ``counted_id`` under ``key`` (once); the count it made."""
+        key = kv_key(key)
         while True:
             try:
                 entry = await self.kv.get(key)
@@ -100,9 +119,11 @@ class Counter:
             else:
                 state, revision = _decode_count(entry.value or b"{}"), entry.revision or 0
             if counted_id in state.ids:
-                return state.count
+                return state.ids[counted_id]
             state.count += 1
-            state.ids = [*state.ids, counted_id][-self.remember :]
+            state.ids[counted_id] = state.count
+            while len(state.ids) > self.remember:
+                del state.ids[next(iter(state.ids))]
             try:
                 if revision:
                     await self.kv.update(key, _encode(state), last=revision)

@@ -21,7 +21,7 @@ from nats.micro.service import Service
 
 from kapellmeister.errors import ErrorDetail, KapellmeisterError, error_reply
 
-__all__ = ["EndpointHandler", "add_endpoint", "error_detail"]
+__all__ = ["EndpointHandler", "add_endpoint", "error_detail", "stop_service"]
 
 log = logging.getLogger("kapellmeister.micro")
 
@@ -82,3 +82,15 @@ async def add_endpoint(
 
     await service.add_endpoint(name=name, subject=subject, handler=serve)
     endpoint = service._endpoints[-1]
+
+
+async def stop_service(service: Service, timeout_s: float = 5.0) -> None:
+    """Stop ``service``, for at most ``timeout_s``: nats-py drains its discovery
+    subscriptions by joining their pending queues, without a bound, and a drain stuck
+    there must not keep a stopping process (or a test) waiting for ever."""
+    try:
+        await asyncio.wait_for(service.stop(), timeout_s)
+    except TimeoutError:
+        log.warning(
+            "micro service %s did not stop in %.0f s; left behind", service.info().name, timeout_s
+        )

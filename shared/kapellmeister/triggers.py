@@ -6,9 +6,10 @@ The conductors share one durable consumer on ``events.>`` (``conductor-triggers`
 created to deliver what is published from then on). For each event, every definition
 whose latest version has a trigger matching the subject is started, with the trigger's
 ``input`` evaluated against ``${event.…}``, under the workflow id
-``<definition>-<event id>``: the event id is its ``Nats-Msg-Id``, else the CloudEvents
-``id``, else ``seq-<stream sequence>``. The id makes the start idempotent, so a
-redelivery or a second publish of the same event starts nothing new.
+``<definition>=<event id>``: the event id is its ``Nats-Msg-Id``, else the CloudEvents
+``id`` (with a digest of its ``source``), else ``seq-<stream sequence>``. The id makes
+the start idempotent, so a redelivery or a second publish of the same event starts
+nothing new.
 
 An event a trigger cannot use (not JSON, or an input the definition refuses) is recorded
 in DEADLETTERS with the reason and changes nothing; the other triggers of the event still
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import nats.errors
 from nats.aio.msg import Msg
 
 from kapellmeister import tracing
@@ -56,6 +58,9 @@ class Event(msgspec.Struct, frozen=True):
 def unwrap(subject: str, headers: dict[str, str] | None, body: bytes, sequence: int) -> Event:
     """The event in a message: plain JSON data, or a CloudEvents JSON envelope's ``data``.
 
+    Its id: the ``Nats-Msg-Id``, else the CloudEvents ``id`` (unique only per ``source``,
+    so a digest of the source is added to it), else ``seq-<stream sequence>``.
+
     Raises:
         ValueError: the body is not JSON.
     """
@@ -65,20 +70,25 @@ def unwrap(subject: str, headers: dict[str, str] | None, body: bytes, sequence: 
         raise ValueError(f"an event must be JSON: {exc}") from exc
     event_id = (headers or {}).get("Nats-Msg-Id", "")
     if isinstance(data, dict) and "specversion" in data and "id" in data:
-        event_id = event_id or str(data["id"])
+        if not event_id:
+            source = str(data.get("source", ""))
+            event_id = str(data["id"])
+            if source:
+                event_id += "-" + hashlib.sha256(source.encode()).hexdigest()[:8]
         data = data.get("data")
     return Event(id=event_id or f"seq-{sequence}", subject=subject, data=data)
 
 
 def workflow_id_for(definition: str, event_id: str) -> str:
-    """``<definition>-<event id>``, or a digest of the event id where it would not fit
-    a workflow id (1-128 of ``A-Z a-z 0-9 _ = -``)."""
-    candidate = f"{definition}-{event_id}"
+    """``<definition>=<event id>`` (``=`` is in no definition name, so two definitions'
+    ids never meet), or ``<definition>==<digest>`` where the event id would not fit a
+    workflow id (1-128 of ``A-Z a-z 0-9 _ = -``)."""
+    candidate = f"{definition}={event_id}"
     if len(candidate) <= 128 and all(
         c.isascii() and (c.isalnum() or c in "_=-") for c in candidate
     ):
         return candidate
-    return f"{definition}-{hashlib.sha256(event_id.encode()).hexdigest()[:40]}"
+    return f"{definition}=={hashlib.sha256(event_id.encode()).hexdigest()[:40]}"
 
 
 def triggered(definitions: list[Definition], subject: str) -> Iterator[tuple[Definition, Compiled]]:
@@ -102,18 +112,36 @@ async def on_event(conductor: Conductor, msg: Msg) -> None:
     try:
         event = unwrap(msg.subject, msg.headers, msg.data, sequence)
     except ValueError as exc:
-        await _dead_letter(conductor, msg, str(exc))
-        await msg.ack()
+        if await _dead_letter(conductor, msg, str(exc)):
+            await msg.ack()
         return
+    failed: list[str] = []
     for definition, compiled in matches:
         try:
             data = compiled.evaluate({"event": event.data})
             definition.validate_input(data)
         except KapellmeisterError as exc:
-            await _dead_letter(conductor, msg, f"{definition.name}: {exc.message}")
+            reason = f"{definition.name}: {exc.message}"
+            if not await _dead_letter(conductor, msg, reason, definition.name):
+                failed.append(definition.name)
             continue
-        await _start(conductor, definition, event, data, msg)
-    await msg.ack()
+        try:
+            await _start(conductor, definition, event, data, msg)
+        except (TimeoutError, nats.errors.Error, KapellmeisterError) as exc:
+            log.warning("%s not started from %s: %r", definition.name, event.id, exc)
+            failed.append(definition.name)
+    if not failed:
+        await msg.ack()
+        return
+    # Some start did not happen (NATS away): the event comes back, and the starts that did
+    # happen are found by their ids. On the last delivery, a dead letter says so.
+    deliveries = msg.metadata.num_delivered
+    if deliveries >= conductor.settings.max_deliver:
+        reason = f"not started after {deliveries} deliveries: {', '.join(failed)}"
+        if await _dead_letter(conductor, msg, reason, "+".join(failed)):
+            await msg.ack()
+        return
+    await msg.nak(delay=min(2.0**deliveries, 60.0))
 
 
 async def _start(
@@ -139,9 +167,11 @@ async def _start(
         log.info("%s started %s", event.subject, workflow_id)
 
 
-async def _dead_letter(conductor: Conductor, msg: Msg, reason: str) -> None:
+async def _dead_letter(conductor: Conductor, msg: Msg, reason: str, about: str = "") -> bool:
+    """Record the event as a dead letter for ``about`` (a definition); False if the
+    record could not be stored (then the event is left to come back)."""
     log.warning("event %s not used: %s", msg.subject, reason)
-    await record_dead_letter(
+    return await record_dead_letter(
         conductor.js,
         "conductor",
         reason,
@@ -150,4 +180,5 @@ async def _dead_letter(conductor: Conductor, msg: Msg, reason: str) -> None:
         sequence=msg.metadata.sequence.stream,
         headers=dict(msg.headers or {}),
         data=msg.data,
+        about=about,
     )

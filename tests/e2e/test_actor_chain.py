@@ -21,8 +21,8 @@ ARGV = [sys.executable, "-m", "tests.actor_chain"]
 async def test_a_crash_in_the_middle_of_a_chain_publishes_each_event_once(
     nats_url, nc, js, tmp_path
 ):
-    # The chain's 2nd ack is the middle actor's: it has published, then it dies.
-    env = {**ENV, "FAULTS_CRASH_AT": "after-publish:2"}
+    # The middle actor publishes what it returned, then the process dies before its ack.
+    env = {**ENV, "CHAIN_CRASH_ON": "events.chain.doubled"}
     crashing = ServiceProcess("chain", nats_url, tmp_path / "chain-0.log", env, argv=ARGV)
     processes = [crashing.start()]
     try:

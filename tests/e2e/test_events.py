@@ -66,9 +66,9 @@ async def test_an_event_starts_one_workflow_across_a_crash_before_its_ack(
         assert info.delivered is not None
         assert (info.delivered.stream_seq, info.delivered.consumer_seq) == (1, 2)
         kv = await js.key_value("workflows")
-        keys = [k for k in await kv.keys() if k.startswith("greeting-")]
-        assert keys == ["greeting-signup-42"]
-        history = await kv.history("greeting-signup-42")
+        keys = [k for k in await kv.keys() if k.startswith("greeting=")]
+        assert keys == ["greeting=signup-42"]
+        history = await kv.history("greeting=signup-42")
         assert len(history) == 1  # created once; the redelivery wrote nothing
         assert (await js.stream_info("EVENTS")).state.messages == 1
     finally:

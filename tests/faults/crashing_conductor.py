@@ -4,8 +4,8 @@
 
 * ``after-write:N``: right after the Nth saga write of a fact other than a start landed
   (compare-and-set done), before publishing what was decided;
-* ``after-publish:N``: right before the Nth ack of a task result, so after its commands
-  were published (the conductor acks nothing but RESULTS messages).
+* ``after-publish:N``: right before the process's Nth ack, so after what the message
+  decided was published (a task result's commands, or a triggering event's starts).
 
 Everything else is the shipped conductor (``services.conductor``), unchanged.
 """

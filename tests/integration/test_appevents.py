@@ -50,5 +50,5 @@ async def test_a_durable_listener_gets_each_event_and_survives_a_crash(nc, js, s
     finally:
         await second.stop()
     assert later == [{"order": 2}]
-    info = await js.consumer_info("EVENTS", "order_placed-bill")
+    info = await js.consumer_info("EVENTS", "order_placed-shop_bill")
     assert info.num_ack_pending == 0 and info.num_pending == 0

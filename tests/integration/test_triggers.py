@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 
 import msgspec
+import nats.errors
 import pytest
 
 from kapellmeister.conductor import Conductor
@@ -61,8 +63,8 @@ async def test_an_event_starts_its_workflow_once_by_its_id(nc, js, conductor):
     for _ in range(2):  # the same event published twice: stored once
         await js.publish("events.user.eu.joined", event, headers={"Nats-Msg-Id": "j-1"})
     await settle(js)
-    assert await sagas(js, "greeting-") == ["greeting-j-1"]
-    state = body(await call(nc, "conductor.get.greeting-j-1"))
+    assert await sagas(js, "greeting=") == ["greeting=j-1"]
+    state = body(await call(nc, "conductor.get.greeting=j-1"))
     assert (state["workflow"], state["status"], state["input"]) == (
         "greeting",
         "RUNNING",
@@ -84,15 +86,17 @@ async def test_a_cloudevents_envelope_is_unwrapped_and_its_id_dedupes(nc, js, co
             "events.user.us.joined", msgspec.json.encode(envelope), headers={"X-N": str(n)}
         )
     await settle(js)
-    assert await sagas(js, "greeting-") == ["greeting-ce-7"]
-    assert body(await call(nc, "conductor.get.greeting-ce-7"))["input"] == {"user": "bo"}
+    # A CloudEvents id is unique per source: a digest of the source goes with it.
+    workflow_id = f"greeting=ce-7-{hashlib.sha256(b'/signup').hexdigest()[:8]}"
+    assert await sagas(js, "greeting=") == [workflow_id]
+    assert body(await call(nc, f"conductor.get.{workflow_id}"))["input"] == {"user": "bo"}
 
 
 async def test_an_event_without_an_id_is_known_by_its_stream_sequence(nc, js, conductor):
     ack = await js.publish("events.user.x.joined", b'{"user": "cy"}')
     await settle(js)
-    workflow_id = f"greeting-seq-{ack.seq}"
-    assert await sagas(js, "greeting-") == [workflow_id]
+    workflow_id = f"greeting=seq-{ack.seq}"
+    assert await sagas(js, "greeting=") == [workflow_id]
     await call(nc, f"conductor.signal.{workflow_id}.hold", {})
     state = (await wait_finished(js, [workflow_id], timeout=10))[workflow_id]
     assert (state["status"], state["output"]) == ("COMPLETED", {"user": "cy"})
@@ -102,14 +106,14 @@ async def test_events_nothing_listens_for_start_nothing(nc, js, conductor):
     await js.publish("events.user.eu.left", b'{"user": "ann"}', headers={"Nats-Msg-Id": "l-1"})
     await js.publish("events.user.joined", b'{"user": "ann"}', headers={"Nats-Msg-Id": "l-2"})
     await settle(js)
-    assert await sagas(js, "greeting-") == []
+    assert await sagas(js, "greeting=") == []
 
 
 async def test_an_event_a_trigger_cannot_use_is_a_dead_letter(nc, js, conductor):
     await js.publish("events.user.eu.joined", b"not json", headers={"Nats-Msg-Id": "bad-1"})
     await js.publish("events.user.eu.joined", b'{"name": "x"}', headers={"Nats-Msg-Id": "bad-2"})
     await settle(js)
-    assert await sagas(js, "greeting-") == []
+    assert await sagas(js, "greeting=") == []
     letters = await dead_letters(js, "deadletter.conductor")
     reasons = {base64.b64decode(letter["data_base64"]): letter["reason"] for letter in letters}
     assert "an event must be JSON" in reasons[b"not json"]
@@ -122,4 +126,51 @@ async def test_the_trace_of_the_event_is_the_workflows(nc, js, conductor):
     headers = {"Nats-Msg-Id": "t-1", "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
     await js.publish("events.user.eu.joined", b'{"user": "di"}', headers=headers)
     await settle(js)
-    assert (await find_saga(js, "greeting-t-1") or {}).get("trace_id") == trace_id
+    assert (await find_saga(js, "greeting=t-1") or {}).get("trace_id") == trace_id
+
+
+class UnluckyConductor(Conductor):
+    """Its starts fail (as with the KV store unreachable) ``failures`` times."""
+
+    failures = 0
+
+    async def start_workflow(self, fact, caller=None, started_ns=0):
+        if self.failures > 0:
+            self.failures -= 1
+            raise nats.errors.TimeoutError
+        return await super().start_workflow(fact, caller, started_ns)
+
+
+async def unlucky(nc, settings, failures: int) -> UnluckyConductor:
+    conductor = UnluckyConductor(settings, Registry(registry().all()))
+    conductor.failures = failures
+    await conductor.start(nc)
+    reply = await call(nc, "conductor.definitions.register", GREETING)
+    assert "Nats-Service-Error" not in (reply.headers or {}), reply.data
+    return conductor
+
+
+async def test_a_start_that_fails_is_retried_from_the_event(nc, js, settings):
+    conductor = await unlucky(nc, settings, failures=1)
+    try:
+        await js.publish("events.user.eu.joined", b'{"user": "ed"}', headers={"Nats-Msg-Id": "r-1"})
+        for _ in range(100):  # the nak's backoff is 2 s
+            if await sagas(js, "greeting="):
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await conductor.stop()
+    assert await sagas(js, "greeting=") == ["greeting=r-1"]
+
+
+async def test_an_event_no_start_can_take_is_a_dead_letter_not_lost(nc, js, settings):
+    conductor = await unlucky(nc, settings, failures=100)
+    try:
+        await js.publish("events.user.eu.joined", b'{"user": "fy"}', headers={"Nats-Msg-Id": "r-2"})
+        letters = await dead_letters(js, "deadletter.conductor", timeout=30)
+    finally:
+        await conductor.stop()
+    [letter] = letters
+    assert letter["reason"] == "not started after 3 deliveries: greeting"
+    assert base64.b64decode(letter["data_base64"]) == b'{"user": "fy"}'
+    assert await sagas(js, "greeting=") == []

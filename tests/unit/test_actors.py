@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from kapellmeister.actors import Emit, actor
+from kapellmeister.actors import ActorContext, Emit, UnknownOutput, actor
 
 
 class In(msgspec.Struct):
@@ -41,5 +41,22 @@ def test_what_a_handler_returns_becomes_events_in_order():
         ("events.out", b'{"n":1}'),
         ("events.x", b'{"a":2}'),
     ]
-    with pytest.raises(TypeError, match="no subject for a Other"):
+    with pytest.raises(UnknownOutput, match="no subject for a Other"):
         spec.outputs([Other(n=1)])
+
+
+def test_a_handler_may_take_the_context_and_must_type_its_event():
+    async def with_context(event: In, ctx: ActorContext) -> None:
+        return None
+
+    async def untyped_context(event: In, ctx) -> None:
+        return None
+
+    async def untyped(event) -> None:
+        return None
+
+    assert actor("In-A", "events.in", with_context).wants_context
+    assert actor("In-B", "events.in", untyped_context).wants_context  # counted, not hinted
+    assert not actor("In-C", "events.in", handle).wants_context
+    with pytest.raises(TypeError, match="must be"):
+        actor("In-D", "events.in", untyped)

@@ -114,3 +114,21 @@ def test_a_listener_registered_twice_for_an_event_is_an_error():
         events.listen("order.placed", mail)
     with pytest.raises(DuplicateListener):
         events.listen("order.placed", Recorder("other"), name="mail")
+
+
+def test_durable_listeners_whose_consumers_would_meet_are_refused():
+    events = AppEvents("shop")
+    events.listen("order.placed", Recorder("bill"), durable=True)
+    with pytest.raises(DuplicateListener, match="share 'order_placed-shop_bill'"):
+        events.listen("order_placed", Recorder("bill"), durable=True)
+
+
+async def test_an_emit_before_start_warns_that_durable_listeners_miss_it(caplog):
+    events = AppEvents("shop")
+    events.listen("order.placed", Recorder("bill"), durable=True)
+    with caplog.at_level(logging.WARNING, logger="kapellmeister.appevents"):
+        events.emit("order.placed", {})
+        events.emit("order.placed", {})
+    assert [r.getMessage() for r in caplog.records] == [
+        "shop: event 'order.placed' emitted before start(): its durable listeners miss it"
+    ]

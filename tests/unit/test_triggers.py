@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from kapellmeister.definitions import compile_definition, parse_definition, subject_matches
@@ -34,7 +36,7 @@ def test_plain_json_is_the_data_and_the_message_id_the_id():
 
 def test_a_cloudevents_envelope_gives_its_data_and_its_id():
     body = b'{"specversion": "1.0", "id": "c-1", "type": "t", "source": "s", "data": [1]}'
-    assert unwrap("events.a", {}, body, 3).id == "c-1"
+    assert unwrap("events.a", {}, body, 3).id == f"c-1-{hashlib.sha256(b's').hexdigest()[:8]}"
     assert unwrap("events.a", {}, body, 3).data == [1]
     assert unwrap("events.a", {"Nats-Msg-Id": "m-2"}, body, 3).id == "m-2"  # ours first
 
@@ -45,9 +47,11 @@ def test_not_json_is_refused():
 
 
 def test_a_workflow_id_is_the_definition_and_the_event_id_or_a_digest():
-    assert workflow_id_for("greeting", "j-1") == "greeting-j-1"
+    # "=" is in no definition name: plan + day-42 and plan-day + 42 do not meet.
+    assert workflow_id_for("plan", "day-42") != workflow_id_for("plan-day", "42")
+    assert workflow_id_for("greeting", "j-1") == "greeting=j-1"
     odd = workflow_id_for("greeting", "urn:uuid:1/2")
-    assert odd.startswith("greeting-") and len(odd) == len("greeting-") + 40
+    assert odd.startswith("greeting==") and len(odd) == len("greeting==") + 40
     assert odd == workflow_id_for("greeting", "urn:uuid:1/2")  # deterministic
     assert len(workflow_id_for("g", "x" * 200)) <= 128
 
