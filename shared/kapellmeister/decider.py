@@ -909,6 +909,10 @@ def _run(draft: _Draft, ref: str, **extra: Json) -> None:
     if not draft.running:
         return
     node = draft.definition.nodes[ref]
+    if node.condition is not None and not node.condition.holds(draft.context(**extra)):
+        draft.record(ref, node.task, status="SKIPPED", reason="its `when` is false")
+        _finish_task(draft, ref)
+        return
     templates = node.templates
     match node.task:
         case SimpleTask() | WaitTask() | SubWorkflowTask() as task:

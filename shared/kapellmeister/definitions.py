@@ -15,13 +15,14 @@ the decider walks a table instead of the tree.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
 import yaml
 
+from kapellmeister.conditions import Condition, compile_condition
 from kapellmeister.errors import BadRequest, InvalidDefinition
 from kapellmeister.expressions import (
     Compiled,
@@ -86,6 +87,8 @@ class _Task(
 ):
     ref: Ref
     description: str = ""
+    # Run only if this holds (`kapellmeister.conditions`); else the task is SKIPPED.
+    when: dict[str, Json] | None = None
 
 
 class SimpleTask(_Task, tag="SIMPLE", frozen=True):
@@ -382,6 +385,7 @@ class Node(msgspec.Struct, frozen=True):
     path: str
     after: After
     templates: Mapping[str, Compiled]
+    condition: Condition | None = None
 
     @property
     def successor(self) -> str | None:
@@ -572,7 +576,8 @@ def compile_definition(spec: WorkflowDef) -> Definition:
         if after.kind == "next" and after.ref is not None:
             previous[after.ref] = task
         _check_shape(task, path, previous.get(task.ref))
-        nodes[task.ref] = Node(task, path, after, _templates(task, path))
+        condition = compile_condition(task.when, f"{path}.when") if task.when else None
+        nodes[task.ref] = Node(task, path, after, _templates(task, path), condition)
     _check_references(spec, nodes)
     return Definition(spec, nodes)
 
@@ -618,8 +623,10 @@ def _check_references(spec: WorkflowDef, nodes: Mapping[str, Node]) -> None:
         for field, c in node.templates.items()
     ]
     places.append(("output", _compile_output(spec)))
-    for place, compiled in places:
-        for path in paths(compiled):
+    named: list[tuple[str, Iterable[tuple[str, ...]]]] = [(p, paths(c)) for p, c in places]
+    named += [(f"{n.path}.when", n.condition.paths()) for n in nodes.values() if n.condition]
+    for place, found in named:
+        for path in found:
             if path[0] not in known:
                 raise InvalidDefinition(
                     f"expression names unknown task ref {path[0]!r} - at `{place}`"

@@ -188,6 +188,8 @@ class TaskRecord(msgspec.Struct, frozen=True, kw_only=True):
     timeout_fired: bool = False
     # The attempts before this one, oldest first.
     history: list[Attempt] = []
+    # Why a task did not run (SKIPPED: its `when` was false).
+    reason: str = ""
 
 
 class ParentLink(msgspec.Struct, frozen=True, kw_only=True):
