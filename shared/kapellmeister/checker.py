@@ -197,14 +197,19 @@ def _check_agent_task(
     properties = schema.get("properties")
     if not isinstance(properties, dict):
         return
-    for field in task.input:
+    # Inside a GRAPH, the artefacts a task requires are input fields too.
+    artefacts = [r.rstrip("?") for r in task.requires]
+    for field, where in [
+        *((f, f"input.{f}") for f in task.input),
+        *((a, f"requires[{i}]") for i, a in enumerate(artefacts)),
+    ]:
         if field not in properties:
             yield Problem(
-                f"{node.path}.input.{field}",
+                f"{node.path}.{where}",
                 f"{task.task} takes no field {field!r} (it takes: {', '.join(sorted(properties))})",
             )
     for field in schema.get("required", []):
-        if field not in task.input:
+        if field not in task.input and field not in artefacts:
             yield Problem(f"{node.path}.input", f"{task.task} requires field {field!r}")
 
 

@@ -35,6 +35,7 @@ from kapellmeister.definitions import (
     DelayTask,
     EventTask,
     ForkTask,
+    GraphTask,
     JoinTask,
     Node,
     RetryPolicy,
@@ -807,6 +808,14 @@ def _rerun(definition: Definition, state: Saga, fact: RerunRequested) -> Decisio
                     child_terminated=None,
                 )
             )
+    after = definition.nodes[fact.task].after
+    if after.kind == "graph" and after.ref is not None:
+        # A member again: its GRAPH reopens, keeping the artefacts of what did not depend
+        # on it; the member and its dependants run again as their inputs come.
+        graph = draft.tasks[after.ref]
+        draft.put(
+            msgspec.structs.replace(graph, status="IN_PROGRESS", output=graph.input, ended_at=None)
+        )
     _run(draft, fact.task)
     return _decided(definition, draft)
 
@@ -909,10 +918,18 @@ def _run(draft: _Draft, ref: str, **extra: Json) -> None:
     if not draft.running:
         return
     node = draft.definition.nodes[ref]
+    if node.after.kind == "graph":  # a GRAPH's member runs when its artefacts exist
+        _graph_step(draft, node.after.ref or "")
+        return
     if node.condition is not None and not node.condition.holds(draft.context(**extra)):
         draft.record(ref, node.task, status="SKIPPED", reason="its `when` is false")
         _finish_task(draft, ref)
         return
+    _begin(draft, ref, node, extra)
+
+
+def _begin(draft: _Draft, ref: str, node: Node, extra: dict[str, Json]) -> None:
+    """Start task ``ref`` as its type says."""
     templates = node.templates
     match node.task:
         case SimpleTask() | WaitTask() | SubWorkflowTask() as task:
@@ -943,6 +960,68 @@ def _run(draft: _Draft, ref: str, **extra: Json) -> None:
             draft.finish(status, output, error if status == "FAILED" else None)
         case ForkTask() as task:
             _fork(draft, ref, task)
+        case GraphTask() as task:
+            seeds = templates["input"].evaluate(draft.context())
+            draft.record(ref, task, status="IN_PROGRESS", input=seeds, output=seeds)
+            _graph_step(draft, ref)
+
+
+def _graph_step(draft: _Draft, graph_ref: str) -> None:
+    """Run every member of GRAPH ``graph_ref`` whose artefacts all exist; skip those whose
+    ``when`` is false or whose hard requirement can no longer come; complete the GRAPH
+    when nothing more can run. One pass in producer-first order settles a decision."""
+    graph = draft.tasks[graph_ref]
+    if graph.status not in _WAITING or not draft.running:
+        return
+    plan = draft.definition.graphs[graph_ref]
+    artefacts: dict[str, Json] = dict(graph.input) if isinstance(graph.input, dict) else {}
+    gone: set[str] = set()  # artefacts that will never come
+    busy = False
+    for ref in plan.order:
+        record = draft.tasks.get(ref)
+        if record is not None and record.status != "CANCELED":
+            if record.status == "COMPLETED":
+                output = record.output if isinstance(record.output, dict) else {}
+                missing = [a for a in plan.produces[ref] if a not in output]
+                if missing:
+                    _fail(draft, ref, f"task {ref!r} did not produce {', '.join(missing)}")
+                    return
+                artefacts.update({a: output[a] for a in plan.produces[ref]})
+            elif record.status in _WAITING:
+                busy = True
+            else:  # SKIPPED, or FAILED and optional
+                gone.update(plan.produces[ref])
+            continue
+        requires = plan.requires[ref]
+        lost = [name for name, optional in requires if name in gone and not optional]
+        if lost:
+            reason = f"requires {', '.join(lost)}, which will not come"
+            _skip(draft, ref, reason, gone, plan.produces[ref])
+            continue
+        if any(name not in artefacts and name not in gone for name, _ in requires):
+            busy = True  # waits for a producer still to run
+            continue
+        node = draft.definition.nodes[ref]
+        given = {name: artefacts.get(name) for name, _ in requires}
+        context = draft.context(artefacts=given)
+        if node.condition is not None and not node.condition.holds(context):
+            _skip(draft, ref, "its `when` is false", gone, plan.produces[ref])
+            continue
+        assert isinstance(node.task, SimpleTask | WaitTask | SubWorkflowTask)
+        data = node.templates["input"].evaluate(context)
+        _schedule(draft, ref, node.task, {**given, **(data if isinstance(data, dict) else {})})
+        busy = True
+    if not busy:
+        output = {**artefacts, **dict.fromkeys(gone - artefacts.keys())}
+        draft.put(
+            msgspec.structs.replace(graph, status="COMPLETED", output=output, ended_at=draft.at)
+        )
+        _finish_task(draft, graph_ref)
+
+
+def _skip(draft: _Draft, ref: str, reason: str, gone: set[str], produces: tuple[str, ...]) -> None:
+    draft.record(ref, draft.definition.nodes[ref].task, status="SKIPPED", reason=reason)
+    gone.update(produces)
 
 
 def _delay(draft: _Draft, ref: str, task: DelayTask, seconds: Json) -> None:
@@ -1103,6 +1182,9 @@ def _finish_task(draft: _Draft, ref: str) -> None:
             draft.finish("COMPLETED", draft.definition.output.evaluate(draft.context()))
         case "compensation":
             _next_compensation(draft)
+        case "graph":
+            assert after.ref is not None
+            _graph_step(draft, after.ref)
 
 
 def _branch_done(draft: _Draft, fork_ref: str, branch: int) -> None:

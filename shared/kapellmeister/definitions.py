@@ -39,6 +39,8 @@ __all__ = [
     "DelayTask",
     "EventTask",
     "ForkTask",
+    "GraphPlan",
+    "GraphTask",
     "JoinTask",
     "RetryPolicy",
     "SetVariableTask",
@@ -64,7 +66,10 @@ TASK_PATTERN: Final = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
 SUBJECT_PATTERN: Final = r"^events(\.[A-Za-z0-9_-]+)+$"
 # A trigger's subject may use NATS wildcards: `*` for one token, a final `>` for the rest.
 TRIGGER_PATTERN: Final = r"^events(\.([A-Za-z0-9_-]+|\*))*(\.>)?$"
-RESERVED_REFS: Final = frozenset({"workflow", "event", "item", "index"})
+RESERVED_REFS: Final = frozenset({"workflow", "event", "item", "index", "artefacts"})
+ARTEFACT_PATTERN: Final = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+# A requirement; a final `?` makes it optional (null if it never comes).
+REQUIRED_PATTERN: Final = r"^[A-Za-z_][A-Za-z0-9_]{0,63}\??$"
 
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 Ref = Annotated[str, msgspec.Meta(pattern=REF_PATTERN)]
@@ -89,6 +94,9 @@ class _Task(
     description: str = ""
     # Run only if this holds (`kapellmeister.conditions`); else the task is SKIPPED.
     when: dict[str, Json] | None = None
+    # Inside a GRAPH: the artefacts this task needs, and those its output provides.
+    requires: list[Annotated[str, msgspec.Meta(pattern=REQUIRED_PATTERN)]] = []
+    produces: list[Annotated[str, msgspec.Meta(pattern=ARTEFACT_PATTERN)]] = []
 
 
 class SimpleTask(_Task, tag="SIMPLE", frozen=True):
@@ -176,6 +184,17 @@ class ForkTask(_Task, tag="FORK", frozen=True):
     each: TaskDef | None = None
 
 
+class GraphTask(_Task, tag="GRAPH", frozen=True):
+    """Tasks linked by data, not by order: each runs as soon as every artefact it
+    ``requires`` exists (in parallel with the others), unless its ``when`` is false or
+    something it requires never comes (then it is SKIPPED). ``input`` seeds artefacts;
+    a member's output is an object with a member per artefact it ``produces``; the
+    GRAPH completes when nothing more can run, its output every artefact by name."""
+
+    tasks: Annotated[list[TaskDef], msgspec.Meta(min_length=1)]
+    input: dict[str, Json] = {}
+
+
 class JoinTask(_Task, tag="JOIN", frozen=True):
     """Conductor's JOIN after a FORK: output ``{ref: output}`` of the ``join_on`` refs."""
 
@@ -200,6 +219,7 @@ TaskDef = (
     | WaitTask
     | DelayTask
     | ForkTask
+    | GraphTask
     | JoinTask
     | SubWorkflowTask
 )
@@ -370,7 +390,7 @@ class After(msgspec.Struct, frozen=True):
     ``compensation``: the compensation of task ``ref`` is finished.
     """
 
-    kind: Literal["next", "branch", "instance", "end", "compensation"]
+    kind: Literal["next", "branch", "instance", "end", "compensation", "graph"]
     ref: str | None = None
     branch: int = 0
 
@@ -396,8 +416,11 @@ class Node(msgspec.Struct, frozen=True):
 class Definition:
     """A compiled, checked definition: what the decider reads. Build with `compile_definition`."""
 
-    def __init__(self, spec: WorkflowDef, nodes: dict[str, Node]) -> None:
+    def __init__(
+        self, spec: WorkflowDef, nodes: dict[str, Node], graphs: dict[str, GraphPlan] | None = None
+    ) -> None:
         self.spec = spec
+        self.graphs = graphs or {}
         self.name = spec.name
         self.version = spec.version
         self.nodes = nodes
@@ -439,21 +462,28 @@ def _link(
 ) -> Iterator[tuple[TaskDef, str, After]]:
     """Every task under ``tasks`` with its path and what comes after it."""
     for i, task in enumerate(tasks):
-        here = f"{path}[{i}]"
         then = After("next", tasks[i + 1].ref) if i + 1 < len(tasks) else after
-        yield task, here, then
-        match task:
-            case SwitchTask(cases=cases, default=default):
-                for key, branch in cases.items():
-                    yield from _link(branch, f"{here}.cases.{key}", then)
-                yield from _link(default or [], f"{here}.default", then)
-            case ForkTask(branches=branches, each=each):
-                for b, branch in enumerate(branches):
-                    yield from _link(branch, f"{here}.branches[{b}]", After("branch", task.ref, b))
-                if each is not None:
-                    yield each, f"{here}.each", After("instance", task.ref)
-            case SimpleTask(compensate=compensate) if compensate is not None:
-                yield compensate, f"{here}.compensate", After("compensation", task.ref)
+        yield from _link_at(task, f"{path}[{i}]", then)
+
+
+def _link_at(task: TaskDef, here: str, then: After) -> Iterator[tuple[TaskDef, str, After]]:
+    """``task`` at ``here``, followed by ``then``, and every task inside it."""
+    yield task, here, then
+    match task:
+        case SwitchTask(cases=cases, default=default):
+            for key, branch in cases.items():
+                yield from _link(branch, f"{here}.cases.{key}", then)
+            yield from _link(default or [], f"{here}.default", then)
+        case ForkTask(branches=branches, each=each):
+            for b, branch in enumerate(branches):
+                yield from _link(branch, f"{here}.branches[{b}]", After("branch", task.ref, b))
+            if each is not None:
+                yield each, f"{here}.each", After("instance", task.ref)
+        case GraphTask(tasks=members):
+            for m, member in enumerate(members):
+                yield from _link_at(member, f"{here}.tasks[{m}]", After("graph", task.ref))
+        case SimpleTask(compensate=compensate) if compensate is not None:
+            yield compensate, f"{here}.compensate", After("compensation", task.ref)
 
 
 def _templates(task: TaskDef, path: str) -> dict[str, Compiled]:
@@ -471,6 +501,7 @@ def _compile_templates(task: TaskDef) -> dict[str, Compiled]:
             | SetVariableTask(input=data)
             | WaitTask(input=data)
             | SubWorkflowTask(input=data)
+            | GraphTask(input=data)
         ):
             return {"input": compile_value(dict(data))}
         case TerminateTask(output=data, reason=reason):
@@ -502,6 +533,101 @@ def _check_shape(task: TaskDef, path: str, previous: TaskDef | None) -> None:
         case JoinTask():
             if not isinstance(previous, ForkTask):
                 raise InvalidDefinition(f"a JOIN must come right after a FORK - at `{path}`")
+        case GraphTask(tasks=members):
+            for m, member in enumerate(members):
+                if not isinstance(member, SimpleTask | WaitTask | SubWorkflowTask):
+                    raise InvalidDefinition(
+                        "a GRAPH's tasks are SIMPLE, WAIT or SUB_WORKFLOW tasks"
+                        f" - at `{path}.tasks[{m}].type`"
+                    )
+
+
+class GraphPlan:
+    """A GRAPH's members: what each requires (and whether optionally) and produces, who
+    produces each artefact ('' for one the GRAPH's ``input`` seeds), and the order in
+    which the decider looks at them (producers before consumers, else as written)."""
+
+    def __init__(self, graph: GraphTask) -> None:
+        self.ref = graph.ref
+        self.members = [m.ref for m in graph.tasks]
+        self.requires = {
+            m.ref: tuple((r.rstrip("?"), r.endswith("?")) for r in m.requires) for m in graph.tasks
+        }
+        self.produces = {m.ref: tuple(m.produces) for m in graph.tasks}
+        self.producer: dict[str, str] = dict.fromkeys(graph.input, "")
+        for member in graph.tasks:
+            for artefact in member.produces:
+                self.producer.setdefault(artefact, member.ref)
+        self.order: list[str] = []
+
+    @classmethod
+    def of(cls, graph: GraphTask, path: str = "") -> GraphPlan:
+        """The plan, checked.
+
+        Raises:
+            InvalidDefinition: an artefact required but produced by nothing, produced
+                twice, or a cycle of requirements; the message names the path.
+        """
+        plan = cls(graph)
+        plan._check(graph, path)
+        return plan
+
+    def _depends(self, ref: str) -> list[str]:
+        found = (self.producer.get(name, "") for name, _ in self.requires[ref])
+        return [p for p in found if p]
+
+    def _check(self, graph: GraphTask, path: str) -> None:
+        seen: dict[str, str] = dict.fromkeys(graph.input, f"{path}.input")
+        for m, member in enumerate(graph.tasks):
+            for p, artefact in enumerate(member.produces):
+                where = f"{path}.tasks[{m}].produces[{p}]"
+                if artefact in seen:
+                    raise InvalidDefinition(
+                        f"artefact {artefact!r} is produced twice ({seen[artefact]}) - at `{where}`"
+                    )
+                seen[artefact] = where
+        for m, member in enumerate(graph.tasks):
+            for r, (artefact, _) in enumerate(self.requires[member.ref]):
+                if artefact not in self.producer:
+                    raise InvalidDefinition(
+                        f"artefact {artefact!r} required by {member.ref!r} is produced by no"
+                        f" task - at `{path}.tasks[{m}].requires[{r}]`"
+                    )
+        self.order = self._sorted(path)
+
+    def _sorted(self, path: str) -> list[str]:
+        """Members with producers first (depth-first, as written); a cycle is refused."""
+        done: list[str] = []
+        visiting: list[str] = []
+
+        def visit(ref: str) -> None:
+            if ref in done:
+                return
+            if ref in visiting:
+                cycle = [*visiting[visiting.index(ref) :], ref]
+                raise InvalidDefinition(
+                    f"requires/produces form a cycle: {' -> '.join(cycle)} - at `{path}.tasks`"
+                )
+            visiting.append(ref)
+            for upstream in self._depends(ref):
+                visit(upstream)
+            visiting.pop()
+            done.append(ref)
+
+        for ref in self.members:
+            visit(ref)
+        return done
+
+    def upstream(self, ref: str) -> frozenset[str]:
+        """Every member ``ref`` depends on, directly or not."""
+        found: set[str] = set()
+        stack = self._depends(ref)
+        while stack:
+            member = stack.pop()
+            if member not in found:
+                found.add(member)
+                stack += self._depends(member)
+        return frozenset(found)
 
 
 # --- which refs can have run before each task ---------------------------------------------
@@ -535,6 +661,9 @@ def _inside(task: TaskDef) -> Iterator[str]:
             for branch in branches:
                 for inner in branch:
                     yield from _inside(inner)
+        case GraphTask(tasks=members):
+            for member in members:
+                yield from _inside(member)
 
 
 def _walk_before(
@@ -554,6 +683,11 @@ def _walk_before(
             case SimpleTask(compensate=compensate) if compensate is not None:
                 # A compensation runs after its task completed, on the way out.
                 out[compensate.ref] = seen | {task.ref}
+            case GraphTask(tasks=members):
+                # A member runs after what was before the GRAPH and what it depends on.
+                plan = GraphPlan.of(task)
+                for member in members:
+                    _walk_before([member], seen | plan.upstream(member.ref), out)
         seen = seen | frozenset(_inside(task))
 
 
@@ -568,6 +702,7 @@ def compile_definition(spec: WorkflowDef) -> Definition:
     _input_struct(spec.name, spec.input)
     nodes: dict[str, Node] = {}
     previous: dict[str, TaskDef] = {}
+    graphs: dict[str, GraphPlan] = {}
     for task, path, after in _link(spec.tasks, "tasks", _END):
         if task.ref in RESERVED_REFS:
             raise InvalidDefinition(f"ref {task.ref!r} is reserved - at `{path}.ref`")
@@ -578,8 +713,12 @@ def compile_definition(spec: WorkflowDef) -> Definition:
         _check_shape(task, path, previous.get(task.ref))
         condition = compile_condition(task.when, f"{path}.when") if task.when else None
         nodes[task.ref] = Node(task, path, after, _templates(task, path), condition)
+        if (task.requires or task.produces) and after.kind != "graph":
+            raise InvalidDefinition(f"requires/produces belong to a GRAPH's tasks - at `{path}`")
+        if isinstance(task, GraphTask):
+            graphs[task.ref] = GraphPlan.of(task, path)
     _check_references(spec, nodes)
-    return Definition(spec, nodes)
+    return Definition(spec, nodes, graphs)
 
 
 def _compile_trigger(trigger: Trigger, index: int) -> Compiled:

@@ -415,3 +415,40 @@ def test_a_sub_workflow_chain_without_a_cycle_is_fine():
 def test_the_shipped_definitions_pass(name):
     path = Path(conductor.__file__).parent / "definitions" / f"{name}.yaml"
     assert check_file(path, TASKS) == []
+
+
+def test_a_graph_members_artefacts_are_its_input_fields():
+    # weather.report takes {"date"}: an artefact named date feeds it; another is flagged.
+    def graph(requires: list[str]) -> dict[str, Any]:
+        return {
+            "name": "g",
+            "input": {"day": "str"},
+            "tasks": [
+                {
+                    "ref": "g",
+                    "type": "GRAPH",
+                    "input": {"date": "${workflow.input.day}", "place": "here"},
+                    "tasks": [
+                        {
+                            "ref": "w",
+                            "type": "SIMPLE",
+                            "task": "weather.report",
+                            "requires": requires,
+                            "produces": ["forecast"],
+                        }
+                    ],
+                }
+            ],
+        }
+
+    assert check(compiled(graph(["date"])), TASKS) == []
+    assert check(compiled(graph(["date", "place"])), TASKS) == [
+        Problem(
+            "tasks[0].tasks[0].requires[1]",
+            "weather.report takes no field 'place' (it takes: date)",
+        )
+    ]
+    assert [p.message for p in check(compiled(graph(["place"])), TASKS)] == [
+        "weather.report takes no field 'place' (it takes: date)",
+        "weather.report requires field 'date'",
+    ]

@@ -1,0 +1,78 @@
+"""A GRAPH on a real nats-server with agents: parallel steps, a condition, the output."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from typing import Any
+
+import pytest
+
+from kapellmeister.agent import Agent, task
+from kapellmeister.conductor import Conductor
+from kapellmeister.registry import Registry
+from tests.support import call, wait_finished
+from tests.unit.test_decider_graph import BREW
+
+STEP_S = 0.3
+
+
+def step(produces: str, value: str):
+    async def handle(req: dict[str, Any]) -> dict[str, Any]:
+        await asyncio.sleep(STEP_S)
+        return {produces: value}
+
+    return handle
+
+
+@pytest.fixture
+async def brewery(nc, settings):
+    steps = {
+        "malt": ("malt", "pale"),
+        "hops": ("hops", "citra"),
+        "mash": ("wort", "sweet"),
+        "boil": ("young_beer", "green"),
+        "dry_hop": ("dry_hopped", "hoppy"),
+        "bottle": ("beer", "bottled"),
+    }
+    agent = Agent(
+        "brewery", [task(f"b.{name}", step(*made)) for name, made in steps.items()], settings
+    )
+    await agent.start(nc)
+    conductor = Conductor(settings, Registry())
+    await conductor.start(nc)
+    reply = await call(
+        nc,
+        "conductor.definitions.register",
+        {
+            "name": "brew",
+            "input": {"style": "str"},
+            "tasks": BREW,
+            "output": {"beer": "${brew.output.beer}"},
+        },
+    )
+    assert "Nats-Service-Error" not in (reply.headers or {}), reply.data
+    yield
+    await conductor.stop()
+    await agent.stop()
+
+
+def seconds(text: str) -> float:
+    return datetime.datetime.fromisoformat(text).timestamp()
+
+
+@pytest.mark.parametrize(("style", "dry_hop"), [("IPA", "COMPLETED"), ("lager", "SKIPPED")])
+async def test_a_brew_runs_its_parallel_steps_together_and_its_condition(
+    nc, js, brewery, style, dry_hop
+):
+    await call(nc, "conductor.start.brew", {"style": style}, {"Workflow-Id": f"brew-{style}"})
+    state = (await wait_finished(js, [f"brew-{style}"], timeout=30))[f"brew-{style}"]
+    assert (state["status"], state["output"]) == ("COMPLETED", {"beer": "bottled"})
+    tasks = {t["ref"]: t for t in state["tasks"]}
+    assert tasks["dry_hop"]["status"] == dry_hop
+    assert tasks["bottle"]["input"]["dry_hopped"] == ("hoppy" if style == "IPA" else None)
+    # malt and hops were dispatched in one decision and ran at the same time.
+    malt, hops = tasks["malt"], tasks["hops"]
+    assert malt["scheduled_at"] == hops["scheduled_at"]
+    assert seconds(hops["started_at"]) < seconds(malt["ended_at"])
+    assert seconds(malt["started_at"]) < seconds(hops["ended_at"])
