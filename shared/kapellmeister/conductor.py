@@ -36,6 +36,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from nats.micro.service import Service
 from opentelemetry.trace import SpanKind
@@ -54,7 +55,9 @@ from kapellmeister.decider import (
     task_msg_id,
     terminate_child,
 )
+from kapellmeister.definitions import TenantConfig
 from kapellmeister.errors import KapellmeisterError
+from kapellmeister.gather import kv_key
 from kapellmeister.lease import LEASES, Look, cancel_if_silent, lease_key, look
 from kapellmeister.messages import (
     TERMINAL,
@@ -123,6 +126,7 @@ class Conductor:
         self._sweeper: asyncio.Task[None] | None = None
         self._poison: Subscription | None = None
         self._leases: KeyValue | None = None
+        self._tenants: KeyValue | None = None
         # What the sweeper re-drove, by workflow: the updated_at it saw, how often, and
         # when next. An unchanged workflow is re-driven again with doubling gaps (a
         # republish that was acknowledged can still be lost to a server crash), not at
@@ -144,6 +148,11 @@ class Conductor:
     def nc(self) -> Client:
         assert self._nc is not None, "start() first"
         return self._nc
+
+    @property
+    def tenants(self) -> KeyValue:
+        assert self._tenants is not None, "start() first"
+        return self._tenants
 
     @property
     def leases(self) -> KeyValue:
@@ -170,6 +179,7 @@ class Conductor:
         buckets = await ensure_buckets(self._js, settings.replicas)
         self._store = SagaStore(buckets["workflows"])
         self._leases = buckets[LEASES]
+        self._tenants = buckets["tenants"]
         self._definitions = DefinitionStore(buckets["definitions"], buckets["tasks"], self.registry)
         await self._definitions.start(shipped=self.registry.all())
         durable = await ensure_consumer(
@@ -377,6 +387,9 @@ class Conductor:
         events are long out. Only the start that created the workflow records its root
         span (``fact.traceparent``'s ids, the ``caller``'s child).
         """
+        if fact.tenant and not fact.switched_off:
+            switched = await self.switched_off(fact.workflow, fact.version, fact.tenant)
+            fact = msgspec.structs.replace(fact, switched_off=switched)
         decision, created = await self._apply(fact)
         state = decision.state
         assert state is not None
@@ -396,6 +409,25 @@ class Conductor:
                 started_ns or time.time_ns(),
             )
         return state
+
+    async def switched_off(self, workflow: str, version: int, tenant: str) -> list[str]:
+        """The tasks of ``workflow`` switched off for ``tenant``: the definition's
+        ``tenants`` and the ``tenants`` bucket's ``<tenant>.<workflow>`` entry
+        (``{"off": [ref, …]}``, set by operators with ``nats kv put``)."""
+        definition = await self.definitions.get(workflow, version)
+        config = definition.spec.tenants.get(tenant)
+        off = set(config.off) if config else set()
+        try:
+            entry = await self.tenants.get(f"{kv_key(tenant)}.{kv_key(workflow)}")
+            off |= set(_decode_tenant(entry.value or b"{}").off)
+        except KeyNotFoundError:
+            pass
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            log.warning('tenants %s.%s is not {"off": [...]}: %s', tenant, workflow, exc)
+        unknown = off - set(definition.nodes)
+        if unknown:
+            log.warning("tenant %s switches off unknown tasks of %s: %s", tenant, workflow, unknown)
+        return sorted(off & set(definition.nodes))
 
     async def request(
         self,
@@ -788,6 +820,7 @@ class Conductor:
 
 
 _FAILED: Final = frozenset({"FAILED", "TIMED_OUT"})
+_decode_tenant = msgspec.json.Decoder(TenantConfig).decode
 
 
 def _destination(command: Command) -> tuple[str, str] | None:

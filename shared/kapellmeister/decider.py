@@ -511,6 +511,7 @@ def _start(definition: Definition, fact: Started) -> Decision:
         traceparent=fact.traceparent,
         tracestate=fact.tracestate,
         parent=fact.parent,
+        switched_off=fact.switched_off,
         timeout_at=_deadline(fact.at, definition.spec.timeout_s),
     )
     draft = _Draft(definition, state, fact.at, START)
@@ -921,8 +922,12 @@ def _run(draft: _Draft, ref: str, **extra: Json) -> None:
     if node.after.kind == "graph":  # a GRAPH's member runs when its artefacts exist
         _graph_step(draft, node.after.ref or "")
         return
-    if node.condition is not None and not node.condition.holds(draft.context(**extra)):
-        draft.record(ref, node.task, status="SKIPPED", reason="its `when` is false")
+    skipped = _switched_off(draft, ref)
+    condition = node.condition
+    if skipped is None and condition is not None and not condition.holds(draft.context(**extra)):
+        skipped = "its `when` is false"
+    if skipped is not None:
+        draft.record(ref, node.task, status="SKIPPED", reason=skipped)
         _finish_task(draft, ref)
         return
     _begin(draft, ref, node, extra)
@@ -1004,8 +1009,11 @@ def _graph_step(draft: _Draft, graph_ref: str) -> None:
         node = draft.definition.nodes[ref]
         given = {name: artefacts.get(name) for name, _ in requires}
         context = draft.context(artefacts=given)
-        if node.condition is not None and not node.condition.holds(context):
-            _skip(draft, ref, "its `when` is false", gone, plan.produces[ref])
+        why = _switched_off(draft, ref)
+        if why is None and node.condition is not None and not node.condition.holds(context):
+            why = "its `when` is false"
+        if why is not None:
+            _skip(draft, ref, why, gone, plan.produces[ref])
             continue
         assert isinstance(node.task, SimpleTask | WaitTask | SubWorkflowTask)
         data = node.templates["input"].evaluate(context)
@@ -1017,6 +1025,13 @@ def _graph_step(draft: _Draft, graph_ref: str) -> None:
             msgspec.structs.replace(graph, status="COMPLETED", output=output, ended_at=draft.at)
         )
         _finish_task(draft, graph_ref)
+
+
+def _switched_off(draft: _Draft, ref: str) -> str | None:
+    """Why ``ref`` is switched off for the workflow's tenant, if it is."""
+    if ref in draft.state.switched_off:
+        return f"switched off for tenant {draft.state.tenant!r}"
+    return None
 
 
 def _skip(draft: _Draft, ref: str, reason: str, gone: set[str], produces: tuple[str, ...]) -> None:

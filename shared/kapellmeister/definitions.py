@@ -48,6 +48,7 @@ __all__ = [
     "SubWorkflowTask",
     "SwitchTask",
     "TaskDef",
+    "TenantConfig",
     "TerminateTask",
     "Trigger",
     "WaitTask",
@@ -233,6 +234,12 @@ class Trigger(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     input: dict[str, Json] = {}
 
 
+class TenantConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a tenant does not get: the refs of tasks switched off (SKIPPED) for it."""
+
+    off: list[Ref] = []
+
+
 class WorkflowDef(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A workflow definition as written (YAML or JSON)."""
 
@@ -248,6 +255,8 @@ class WorkflowDef(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     failure: Name | None = None
     # Events that start it (on the EVENTS stream), each with its input mapping.
     triggers: list[Trigger] = []
+    # Per tenant (the `Tenant` header of a start), tasks switched off.
+    tenants: dict[str, TenantConfig] = {}
 
 
 # Conductor's names for our fields. `name` is Conductor's task-definition name only when
@@ -718,6 +727,12 @@ def compile_definition(spec: WorkflowDef) -> Definition:
         if isinstance(task, GraphTask):
             graphs[task.ref] = GraphPlan.of(task, path)
     _check_references(spec, nodes)
+    for tenant, config in spec.tenants.items():
+        for i, ref in enumerate(config.off):
+            if ref not in nodes:
+                raise InvalidDefinition(
+                    f"no task {ref!r} to switch off - at `tenants.{tenant}.off[{i}]`"
+                )
     return Definition(spec, nodes, graphs)
 
 

@@ -228,6 +228,8 @@ class Saga(msgspec.Struct, frozen=True, kw_only=True):
     variables: dict[str, Json] = {}
     tasks: tuple[TaskRecord, ...] = ()
     parent: ParentLink | None = None
+    # Tasks switched off for this workflow's tenant (fixed at start).
+    switched_off: list[str] = []
     # When the workflow times out (its definition's timeout_s from its start).
     timeout_at: str | None = None
     # Tasks that finished while the workflow was PAUSED: where to go on from at resume.
@@ -257,6 +259,9 @@ class Started(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     traceparent: str = ""
     tracestate: str = ""
     parent: ParentLink | None = None
+    # Tasks switched off for the workflow's tenant (the definition's and the `tenants`
+    # bucket's), fixed at start: a later change of the configuration affects new ones.
+    switched_off: list[str] = []
 
 
 class TaskCompleted(msgspec.Struct, frozen=True, kw_only=True, tag=True):

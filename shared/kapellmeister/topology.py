@@ -60,7 +60,14 @@ DEADLETTERS: Final = "DEADLETTERS"
 DEDUPE_WINDOW_S: Final = 600.0
 DAY_S: Final = 86_400.0
 
-BUCKETS: Final = {"workflows": 5, "definitions": 64, "tasks": 1, "leases": 1, "gathers": 1}
+BUCKETS: Final = {
+    "workflows": 5,
+    "definitions": 64,
+    "tasks": 1,
+    "leases": 1,
+    "gathers": 1,
+    "tenants": 5,
+}
 # A lease outlives its attempt by at most a day (a crashed agent never deletes it); a
 # scatter-gather group is kept a week.
 _TTL_S: Final = {"leases": DAY_S, "gathers": 7 * DAY_S}

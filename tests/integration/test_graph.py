@@ -76,3 +76,37 @@ async def test_a_brew_runs_its_parallel_steps_together_and_its_condition(
     assert malt["scheduled_at"] == hops["scheduled_at"]
     assert seconds(hops["started_at"]) < seconds(malt["ended_at"])
     assert seconds(malt["started_at"]) < seconds(hops["ended_at"])
+
+
+async def test_tenants_switch_tasks_off_by_definition_and_by_kv(nc, js, brewery):
+    definition = {
+        "name": "brew_for",
+        "input": {"style": "str"},
+        "tasks": BREW,
+        "output": {"beer": "${brew.output.beer}"},
+        "tenants": {"sober_bar": {"off": ["dry_hop"]}},
+    }
+    reply = await call(nc, "conductor.definitions.register", definition)
+    assert "Nats-Service-Error" not in (reply.headers or {}), reply.data
+    tenants = await js.key_value("tenants")
+    await tenants.put("pub.brew_for", b'{"off": ["hops"]}')
+    for tenant in ("sober_bar", "pub", "other"):
+        await call(
+            nc,
+            "conductor.start.brew_for",
+            {"style": "IPA"},
+            {"Workflow-Id": f"t-{tenant}", "Tenant": tenant},
+        )
+    states = await wait_finished(js, ["t-sober_bar", "t-pub", "t-other"], timeout=30)
+    sober = {t["ref"]: t for t in states["t-sober_bar"]["tasks"]}
+    assert (sober["dry_hop"]["status"], sober["dry_hop"]["reason"]) == (
+        "SKIPPED",
+        "switched off for tenant 'sober_bar'",
+    )
+    assert states["t-sober_bar"]["output"] == {"beer": "bottled"}
+    assert states["t-sober_bar"]["switched_off"] == ["dry_hop"]
+    pub = {t["ref"]: t["status"] for t in states["t-pub"]["tasks"]}
+    assert (pub["hops"], pub["boil"], pub["bottle"]) == ("SKIPPED", "SKIPPED", "SKIPPED")
+    assert states["t-pub"]["output"] == {"beer": None}
+    other = {t["ref"]: t["status"] for t in states["t-other"]["tasks"]}
+    assert other["dry_hop"] == "COMPLETED" and states["t-other"]["switched_off"] == []

@@ -279,3 +279,37 @@ def test_a_graph_that_cannot_run_is_refused_with_the_path(tasks, message):
 def test_requires_and_produces_belong_to_a_graph():
     with pytest.raises(InvalidDefinition, match="requires/produces belong to a GRAPH's tasks"):
         definition([{"ref": "a", "type": "SIMPLE", "task": "x.a", "produces": ["one"]}])
+
+
+def test_a_task_switched_off_for_the_tenant_is_skipped_and_so_is_what_needs_it():
+    d = definition(BREW)
+    s = start(d, {"style": "IPA"}, tenant="sober_bar", switched_off=["hops"])
+    assert dispatched(s) == ["malt"]
+    hops = task(s.state, "hops")
+    assert (hops.status, hops.reason) == ("SKIPPED", "switched off for tenant 'sober_bar'")
+    s = step(d, s, "malt", {"malt": "pale"})
+    s = step(d, s, "mash", {"wort": "sweet"})
+    # boil hard-requires hops: skipped, and with it everything after
+    assert statuses(s.state)["boil"] == "SKIPPED"
+    assert s.state is not None and s.state.status == "COMPLETED"
+    assert task(s.state, "brew").output["beer"] is None
+
+
+def test_a_sequenced_task_switched_off_is_skipped_and_the_walk_goes_on():
+    d = definition(
+        [
+            {"ref": "a", "type": "SIMPLE", "task": "x.a"},
+            {"ref": "b", "type": "SIMPLE", "task": "x.b"},
+        ]
+    )
+    s = start(d, tenant="t", switched_off=["a"])
+    assert statuses(s.state) == {"a": "SKIPPED", "b": "SCHEDULED"}
+
+
+def test_a_tenant_may_switch_off_only_tasks_the_definition_has():
+    with pytest.raises(
+        InvalidDefinition, match=r"no task 'nope' to switch off - at `tenants\.x\.off\[0\]`"
+    ):
+        definition(
+            [{"ref": "a", "type": "SIMPLE", "task": "x.a"}], tenants={"x": {"off": ["nope"]}}
+        )
