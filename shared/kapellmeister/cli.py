@@ -15,6 +15,8 @@ import base64
 import contextlib
 import importlib
 import os
+import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -422,6 +424,49 @@ def _events(args: argparse.Namespace) -> None:
         asyncio.run(_tail(Settings.from_env(), args.subject, args.all, args.count))
 
 
+def _graph(args: argparse.Namespace) -> None:
+    """Draw a definition (a file, or one registered) or a workflow with its statuses."""
+    from kapellmeister.definitions import compile_definition, load_definition, parse_definition
+    from kapellmeister.drawing import to_dot, to_mermaid
+    from kapellmeister.errors import InvalidDefinition
+
+    settings = Settings.from_env()
+    statuses: dict[str, str] | None = None
+    headers: dict[str, str] = {}
+    name = args.target
+    if args.workflow:
+        saga = msgspec.json.decode(
+            asyncio.run(request(settings, f"conductor.get.{args.workflow}")), type=_Saga
+        )
+        statuses = {t.ref: t.status for t in saga.tasks}
+        name, headers = saga.workflow, {"Workflow-Version": str(saga.version)}
+    try:
+        path = Path(name) if name else None
+        if path is not None and path.is_file():
+            definition = load_definition(path)
+        elif name:
+            raw = asyncio.run(request(settings, f"conductor.definitions.get.{name}", b"", headers))
+            definition = compile_definition(parse_definition(raw))
+        else:
+            print("name a definition (a file or a registered name) or --workflow", file=sys.stderr)
+            raise SystemExit(2)
+    except InvalidDefinition as exc:
+        print(exc.message, file=sys.stderr)
+        raise SystemExit(1) from None
+    drawn = (
+        to_dot(definition, statuses) if args.format == "dot" else to_mermaid(definition, statuses)
+    )
+    print(drawn, end="")
+    if args.svg:
+        dot = shutil.which("dot")
+        if dot is None:
+            print("no SVG: Graphviz `dot` is not installed", file=sys.stderr)
+            return
+        svg = to_dot(definition, statuses)
+        subprocess.run([dot, "-Tsvg", "-o", args.svg], input=svg.encode(), check=True)
+        print(f"wrote {args.svg}", file=sys.stderr)
+
+
 async def _registered_tasks(settings: Settings) -> dict[str, Any]:
     """Every entry of the ``tasks`` bucket (what the agents registered), by task name."""
     nc = await _connect(settings)
@@ -603,6 +648,12 @@ def _parser() -> argparse.ArgumentParser:
     dlq_replay = dlq_commands.add_parser("replay", help="publish a dead letter's message again")
     dlq_replay.add_argument("seq", type=int, help="its sequence, as `dlq list` shows")
     dlq.set_defaults(handler=_dlq)
+    graph = commands.add_parser("graph", help="draw a definition or a workflow (Mermaid, DOT)")
+    graph.add_argument("target", nargs="?", default="", help="a definition file or name")
+    graph.add_argument("--workflow", help="draw this workflow, coloured by task status")
+    graph.add_argument("--format", choices=["mermaid", "dot"], default="mermaid")
+    graph.add_argument("--svg", help="also write an SVG here (needs Graphviz `dot`)")
+    graph.set_defaults(handler=_graph)
     events = commands.add_parser("events", help="the EVENTS stream")
     events_commands = events.add_subparsers(dest="events_command", required=True)
     tail = events_commands.add_parser("tail", help="print events as they are stored")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -21,6 +22,7 @@ import pytest
 import yaml
 
 from kapellmeister.processes import ServiceProcess, wait_for_services
+from tests.support import call
 
 pytestmark = pytest.mark.e2e
 
@@ -272,3 +274,43 @@ async def test_events_tail_prints_the_events_as_stored(nats_url, js, conductor):
     shown = await asyncio.to_thread(run, "events", "tail", "events.tail.>", "--all", "--count", "2")
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.splitlines() == ['events.tail.t0 {"n": 0}', 'events.tail.t1 {"n": 1}']
+
+
+def test_graph_draws_a_file_offline(tmp_path):
+    run = cli(None)
+    drawn = run("graph", str(DEFINITIONS / "plan_day.yaml"))
+    assert drawn.returncode == 0, drawn.stderr
+    assert drawn.stdout.startswith("flowchart TD\n")
+    assert "  is_free -->|free| weather\n" in drawn.stdout
+    dot = run("graph", str(DEFINITIONS / "approval.yaml"), "--format", "dot")
+    assert dot.returncode == 0, dot.stderr
+    assert dot.stdout.startswith('digraph "approval" {')
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: b\ntasks: [{ref: a, type: SIMPLE, task: x.y, requires: [z]}]\n")
+    refused = run("graph", str(broken))
+    assert refused.returncode == 1
+    assert "requires/produces belong to a GRAPH's tasks" in refused.stderr
+
+
+async def test_graph_draws_a_registered_definition_and_a_workflow(nats_url, nc, conductor):
+    run = cli(nats_url)
+    await call(nc, "conductor.start.approval", {"money": 5}, {"Workflow-Id": "drawn-1"})
+    await call(nc, "conductor.signal.drawn-1.approval_1", {"status": "ok", "approver": "a"})
+    registered = await asyncio.to_thread(run, "graph", "approval")
+    assert registered.returncode == 0, registered.stderr
+    assert "class " not in registered.stdout  # no statuses without a workflow
+    drawn = await asyncio.to_thread(run, "graph", "--workflow", "drawn-1")
+    assert drawn.returncode == 0, drawn.stderr
+    assert "  class approval_1,first_says COMPLETED\n" in drawn.stdout
+    assert "  class approval_2 IN_PROGRESS\n" in drawn.stdout
+
+
+def test_graph_writes_an_svg_when_graphviz_is_there(tmp_path):
+    svg = tmp_path / "plan_day.svg"
+    drawn = cli(None)("graph", str(DEFINITIONS / "plan_day.yaml"), "--svg", str(svg))
+    assert drawn.returncode == 0, drawn.stderr
+    if shutil.which("dot") is None:
+        assert "no SVG: Graphviz `dot` is not installed" in drawn.stderr
+        assert not svg.exists()
+    else:
+        assert svg.read_text().lstrip().startswith(("<?xml", "<svg"))
