@@ -27,7 +27,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Final, NamedTuple
 
 import msgspec
@@ -220,20 +220,25 @@ class Conductor:
         log.info("conductor: serving %s", ", ".join(self.registry.names()))
 
     async def stop(self) -> None:
+        """Stop pulling, let what runs finish (within the ack wait), stop serving.
+
+        Each part is bounded and named in the log if it overruns: a stop must end (the
+        process is going away; what it had not acked is redelivered)."""
+        grace = self.settings.ack_wait_s
         if self._poison is not None:
-            await self._poison.unsubscribe()
+            await _bounded("poison advisories", self._poison.unsubscribe(), 5.0)
             self._poison = None
         if self._sweeper is not None:
             self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
+            await _bounded("sweeper", asyncio.gather(self._sweeper, return_exceptions=True), 5.0)
         if self._events is not None:
-            await self._events.stop(self.settings.ack_wait_s)
+            await _bounded("trigger consumer", self._events.stop(grace), grace + 5.0)
         if self._worker is not None:
-            await self._worker.stop(self.settings.ack_wait_s)
+            await _bounded("results consumer", self._worker.stop(grace), grace + 5.0)
         if self._service is not None:
             await stop_service(self._service)
         if self._definitions is not None:
-            await self._definitions.stop()
+            await _bounded("definitions watch", self._definitions.stop(), 5.0)
 
     # --- the five steps -------------------------------------------------------------------
 
@@ -413,17 +418,17 @@ class Conductor:
     async def switched_off(self, workflow: str, version: int, tenant: str) -> list[str]:
         """The tasks of ``workflow`` switched off for ``tenant``: the definition's
         ``tenants`` and the ``tenants`` bucket's ``<tenant>.<workflow>`` entry
-        (``{"off": [ref, …]}``, set by operators with ``nats kv put``)."""
+        (``{"skip": [ref, …]}``, set by operators with ``nats kv put``)."""
         definition = await self.definitions.get(workflow, version)
         config = definition.spec.tenants.get(tenant)
-        off = set(config.off) if config else set()
+        off = set(config.skip) if config else set()
         try:
             entry = await self.tenants.get(f"{kv_key(tenant)}.{kv_key(workflow)}")
-            off |= set(_decode_tenant(entry.value or b"{}").off)
+            off |= set(_decode_tenant(entry.value or b"{}").skip)
         except KeyNotFoundError:
             pass
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            log.warning('tenants %s.%s is not {"off": [...]}: %s', tenant, workflow, exc)
+            log.warning('tenants %s.%s is not {"skip": [...]}: %s', tenant, workflow, exc)
         unknown = off - set(definition.nodes)
         if unknown:
             log.warning("tenant %s switches off unknown tasks of %s: %s", tenant, workflow, unknown)
@@ -820,6 +825,18 @@ class Conductor:
 
 
 _FAILED: Final = frozenset({"FAILED", "TIMED_OUT"})
+
+
+async def _bounded(what: str, step: Awaitable[object], seconds: float) -> None:
+    """Await ``step`` for at most ``seconds``; past that, log it and go on."""
+    # Not wait_for: it waits for the cancelled step to end, which is the hang avoided.
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        log.warning("conductor stop: %s did not end within %.0f s; left behind", what, seconds)
+
+
 _decode_tenant = msgspec.json.Decoder(TenantConfig).decode
 
 

@@ -235,9 +235,10 @@ class Trigger(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class TenantConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """What a tenant does not get: the refs of tasks switched off (SKIPPED) for it."""
+    """What a tenant does not get: the refs of tasks switched off (SKIPPED) for it.
+    (Not ``off``: YAML reads an unquoted ``off`` as false.)"""
 
-    off: list[Ref] = []
+    skip: list[Ref] = []
 
 
 class WorkflowDef(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -728,10 +729,10 @@ def compile_definition(spec: WorkflowDef) -> Definition:
             graphs[task.ref] = GraphPlan.of(task, path)
     _check_references(spec, nodes)
     for tenant, config in spec.tenants.items():
-        for i, ref in enumerate(config.off):
+        for i, ref in enumerate(config.skip):
             if ref not in nodes:
                 raise InvalidDefinition(
-                    f"no task {ref!r} to switch off - at `tenants.{tenant}.off[{i}]`"
+                    f"no task {ref!r} to switch off - at `tenants.{tenant}.skip[{i}]`"
                 )
     return Definition(spec, nodes, graphs)
 

@@ -326,11 +326,11 @@ async def test_sweeper_redrives_a_start_that_crashed_before_publishing(nc, js, s
 
 
 def test_shipped_definitions_load(tmp_path: Path):
-    assert registry().names() == ["approval", "plan_day"]
+    assert registry().names() == ["approval", "drinks", "plan_day"]
     (tmp_path / "extra.yaml").write_text(
         "name: extra\ntasks:\n  - {ref: t, type: SIMPLE, task: weather.report}\n"
     )
-    assert registry(str(tmp_path)).names() == ["approval", "extra", "plan_day"]
+    assert registry(str(tmp_path)).names() == ["approval", "drinks", "extra", "plan_day"]
 
 
 HELLO = """

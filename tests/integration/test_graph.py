@@ -84,12 +84,12 @@ async def test_tenants_switch_tasks_off_by_definition_and_by_kv(nc, js, brewery)
         "input": {"style": "str"},
         "tasks": BREW,
         "output": {"beer": "${brew.output.beer}"},
-        "tenants": {"sober_bar": {"off": ["dry_hop"]}},
+        "tenants": {"sober_bar": {"skip": ["dry_hop"]}},
     }
     reply = await call(nc, "conductor.definitions.register", definition)
     assert "Nats-Service-Error" not in (reply.headers or {}), reply.data
     tenants = await js.key_value("tenants")
-    await tenants.put("pub.brew_for", b'{"off": ["hops"]}')
+    await tenants.put("pub.brew_for", b'{"skip": ["hops"]}')
     for tenant in ("sober_bar", "pub", "other"):
         await call(
             nc,

@@ -308,8 +308,8 @@ def test_a_sequenced_task_switched_off_is_skipped_and_the_walk_goes_on():
 
 def test_a_tenant_may_switch_off_only_tasks_the_definition_has():
     with pytest.raises(
-        InvalidDefinition, match=r"no task 'nope' to switch off - at `tenants\.x\.off\[0\]`"
+        InvalidDefinition, match=r"no task 'nope' to switch off - at `tenants\.x\.skip\[0\]`"
     ):
         definition(
-            [{"ref": "a", "type": "SIMPLE", "task": "x.a"}], tenants={"x": {"off": ["nope"]}}
+            [{"ref": "a", "type": "SIMPLE", "task": "x.a"}], tenants={"x": {"skip": ["nope"]}}
         )

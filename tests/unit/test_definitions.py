@@ -179,9 +179,9 @@ def test_a_list_is_not_a_definition():
 
 def test_load_definitions_reads_the_shipped_directory():
     definitions = load_definitions(DEFINITIONS)
-    assert [d.name for d in definitions] == ["approval", "plan_day"]
+    assert [d.name for d in definitions] == ["approval", "drinks", "plan_day"]
     assert all(isinstance(d, Definition) for d in definitions)
-    assert repr(definitions[1]) == "Definition('plan_day', version=1)"
+    assert repr(definitions[2]) == "Definition('plan_day', version=1)"
 
 
 def test_load_definition_names_the_file_in_errors(tmp_path):

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 DEPLOY = Path(__file__).parents[2] / "deploy"
-SERVICES = ("conductor", "weather", "agenda")
+SERVICES = ("conductor", "weather", "agenda", "brewery")
 
 
 def compose() -> dict[str, Any]:
