@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from kapellmeister.processes import ServiceProcess, wait_for_services
@@ -54,3 +56,25 @@ async def test_beer_and_wine_run_the_steps_their_order_needs(nc, js, brewery):
     # the tenant that never dry-hops
     assert status["sober"]["dry_hop"] == "SKIPPED"
     assert output["sober"]["beer"] == "bottled: wort of pale malt boiled with citra, fermented"
+
+
+async def test_a_rerun_from_mash_runs_it_and_what_follows_keeping_malt_and_hops(nc, js, brewery):
+    order = {"drink": "beer", "style": "IPA"}
+    await call(nc, "conductor.start.drinks", order, {"Workflow-Id": "drink-again"})
+    first = (await wait_finished(js, ["drink-again"], timeout=30))["drink-again"]
+    await call(nc, "conductor.rerun.drink-again", {"task": "mash"})
+    for _ in range(100):  # until the rerun has run through
+        state = (await wait_finished(js, ["drink-again"], timeout=30))["drink-again"]
+        attempts = {t["ref"]: t["attempt"] for t in state["tasks"]}
+        if attempts.get("bottle_beer") == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert state["status"] == "COMPLETED" and state["output"] == first["output"]
+    assert {r: attempts[r] for r in ("malt", "hops", "mash", "boil", "dry_hop", "bottle_beer")} == {
+        "malt": 1,
+        "hops": 1,
+        "mash": 2,
+        "boil": 2,
+        "dry_hop": 2,
+        "bottle_beer": 2,
+    }
