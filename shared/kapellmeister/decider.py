@@ -35,6 +35,7 @@ from kapellmeister.definitions import (
     DelayTask,
     EventTask,
     ForkTask,
+    GraphPlan,
     GraphTask,
     JoinTask,
     Node,
@@ -986,12 +987,10 @@ def _graph_step(draft: _Draft, graph_ref: str) -> None:
         record = draft.tasks.get(ref)
         if record is not None and record.status != "CANCELED":
             if record.status == "COMPLETED":
-                output = record.output if isinstance(record.output, dict) else {}
-                missing = [a for a in plan.produces[ref] if a not in output]
-                if missing:
-                    _fail(draft, ref, f"task {ref!r} did not produce {', '.join(missing)}")
-                    return
-                artefacts.update({a: output[a] for a in plan.produces[ref]})
+                made = _artefacts_of(draft, plan, ref, record.output)
+                if made is None:
+                    return  # it failed the workflow
+                artefacts.update(made)
             elif record.status in _WAITING:
                 busy = True
             else:  # SKIPPED, or FAILED and optional
@@ -1025,6 +1024,22 @@ def _graph_step(draft: _Draft, graph_ref: str) -> None:
             msgspec.structs.replace(graph, status="COMPLETED", output=output, ended_at=draft.at)
         )
         _finish_task(draft, graph_ref)
+
+
+def _artefacts_of(draft: _Draft, plan: GraphPlan, ref: str, output: Json) -> dict[str, Json] | None:
+    """The artefacts member ``ref`` produced; None (the workflow failed) if one is missing
+    or not of its declared type."""
+    found = output if isinstance(output, dict) else {}
+    missing = [a for a in plan.produces[ref] if a not in found]
+    if missing:
+        _fail(draft, ref, f"task {ref!r} did not produce {', '.join(missing)}")
+        return None
+    made = {a: found[a] for a in plan.produces[ref]}
+    wrong = plan.invalid(made)
+    if wrong is not None:
+        _fail(draft, ref, f"task {ref!r} produced a bad artefact: {wrong}")
+        return None
+    return made
 
 
 def _switched_off(draft: _Draft, ref: str) -> str | None:

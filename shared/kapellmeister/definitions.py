@@ -194,6 +194,9 @@ class GraphTask(_Task, tag="GRAPH", frozen=True):
 
     tasks: Annotated[list[TaskDef], msgspec.Meta(min_length=1)]
     input: dict[str, Json] = {}
+    # Types of artefacts, in the input types' language (`str`, `int`, `object`, `?`…);
+    # one a task produces that does not match fails that task's workflow.
+    artefacts: dict[str, str] = {}
 
 
 class JoinTask(_Task, tag="JOIN", frozen=True):
@@ -565,6 +568,8 @@ class GraphPlan:
         }
         self.produces = {m.ref: tuple(m.produces) for m in graph.tasks}
         self.producer: dict[str, str] = dict.fromkeys(graph.input, "")
+        self.types = dict(graph.artefacts)
+        self._structs: dict[str, type[msgspec.Struct]] = {}
         for member in graph.tasks:
             for artefact in member.produces:
                 self.producer.setdefault(artefact, member.ref)
@@ -604,6 +609,31 @@ class GraphPlan:
                         f" task - at `{path}.tasks[{m}].requires[{r}]`"
                     )
         self.order = self._sorted(path)
+        for artefact in graph.artefacts:
+            if artefact not in self.producer:
+                raise InvalidDefinition(
+                    f"artefact {artefact!r} has a type but nothing produces it"
+                    f" - at `{path}.artefacts.{artefact}`"
+                )
+        try:  # one struct per artefact: a task's output holds only some of them
+            self._structs = {
+                name: _input_struct(f"{graph.ref}_{name}", {name: kind})
+                for name, kind in graph.artefacts.items()
+            }
+        except InvalidDefinition as exc:
+            raise InvalidDefinition(exc.message.replace("$.input", f"{path}.artefacts")) from exc
+
+    def invalid(self, values: Mapping[str, Json]) -> str | None:
+        """Why these artefact values do not have their declared types (None if they do)."""
+        for name, value in values.items():
+            struct = self._structs.get(name)
+            if struct is None:
+                continue
+            try:
+                msgspec.convert({name: value}, struct)
+            except msgspec.ValidationError as exc:
+                return str(exc).replace("$.", "artefact ")
+        return None
 
     def _sorted(self, path: str) -> list[str]:
         """Members with producers first (depth-first, as written); a cycle is refused."""

@@ -313,3 +313,47 @@ def test_a_tenant_may_switch_off_only_tasks_the_definition_has():
         definition(
             [{"ref": "a", "type": "SIMPLE", "task": "x.a"}], tenants={"x": {"skip": ["nope"]}}
         )
+
+
+TYPED: list[dict[str, Any]] = [
+    {
+        "ref": "g",
+        "type": "GRAPH",
+        "artefacts": {"count": "int", "note": "str?"},
+        "tasks": [
+            {"ref": "a", "type": "SIMPLE", "task": "x.a", "produces": ["count", "note"]},
+            {
+                "ref": "b",
+                "type": "SIMPLE",
+                "task": "x.b",
+                "requires": ["count"],
+                "produces": ["done"],
+            },
+        ],
+    }
+]
+
+
+def test_artefacts_of_their_declared_type_flow_and_others_fail_the_workflow():
+    d = definition(TYPED)
+    good = done(d, start(d).state, "a", {"count": 3, "note": None})
+    assert statuses(good.state)["b"] == "SCHEDULED"
+    bad = done(d, start(d).state, "a", {"count": "three", "note": None})
+    assert bad.state is not None and bad.state.status == "FAILED"
+    assert bad.state.error is not None
+    assert "produced a bad artefact: Expected `int`, got `str` - at `artefact count`" in (
+        bad.state.error.message
+    )
+
+
+@pytest.mark.parametrize(
+    ("artefacts", "message"),
+    [
+        ({"nothing": "int"}, "artefact 'nothing' has a type but nothing produces it"),
+        ({"count": "integer"}, "unknown type 'integer' - at `tasks[0].artefacts.count`"),
+    ],
+)
+def test_artefact_types_are_checked_at_registration(artefacts, message):
+    with pytest.raises(InvalidDefinition) as info:
+        definition([{**TYPED[0], "artefacts": artefacts}])
+    assert message in info.value.message
