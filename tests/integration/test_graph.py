@@ -11,7 +11,7 @@ import pytest
 from kapellmeister.agent import Agent, task
 from kapellmeister.conductor import Conductor
 from kapellmeister.registry import Registry
-from tests.support import call, wait_finished
+from tests.support import assert_error, call, wait_finished
 from tests.unit.test_decider_graph import BREW
 
 STEP_S = 0.3
@@ -110,3 +110,35 @@ async def test_tenants_switch_tasks_off_by_definition_and_by_kv(nc, js, brewery)
     assert states["t-pub"]["output"] == {"beer": None}
     other = {t["ref"]: t["status"] for t in states["t-other"]["tasks"]}
     assert other["dry_hop"] == "COMPLETED" and states["t-other"]["switched_off"] == []
+
+
+async def test_a_graph_with_a_cycle_is_refused_and_nothing_is_stored(nc, brewery):
+    cyclic = {
+        "name": "circular",
+        "tasks": [
+            {
+                "ref": "g",
+                "type": "GRAPH",
+                "tasks": [
+                    {
+                        "ref": "a",
+                        "type": "SIMPLE",
+                        "task": "b.malt",
+                        "requires": ["y"],
+                        "produces": ["x"],
+                    },
+                    {
+                        "ref": "b",
+                        "type": "SIMPLE",
+                        "task": "b.hops",
+                        "requires": ["x"],
+                        "produces": ["y"],
+                    },
+                ],
+            }
+        ],
+    }
+    refused = await call(nc, "conductor.definitions.register", cyclic)
+    error = assert_error(refused, 400)
+    assert "requires/produces form a cycle: a -> b -> a - at `tasks[0].tasks`" in error["message"]
+    assert_error(await call(nc, "conductor.definitions.get.circular"), 404)
