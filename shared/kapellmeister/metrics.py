@@ -45,6 +45,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 
 from kapellmeister.messages import TERMINAL, Saga, TaskRecord
+from kapellmeister.tracing import wanted_exporters
 
 __all__ = ["Metrics", "metrics", "setup_metrics", "shutdown_metrics"]
 
@@ -86,19 +87,9 @@ def shutdown_metrics(timeout_s: float = 3.0) -> None:
 
 def _metric_exporters(env: Mapping[str, str]) -> list[MetricExporter]:
     """The exporters the ``OTEL_*`` variables ask for (none without an endpoint)."""
-    if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
-        return []
-    names = {n.strip().lower() for n in env.get("OTEL_METRICS_EXPORTER", "otlp").split(",")}
-    found: list[MetricExporter] = []
-    if "console" in names:
-        found.append(ConsoleMetricExporter())
-    endpoint = env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or env.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT"
-    )
-    if "otlp" in names and endpoint:
-        protocol = env.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL") or env.get(
-            "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
-        )
+    console, protocol = wanted_exporters(env, "METRICS")
+    found: list[MetricExporter] = [ConsoleMetricExporter()] if console else []
+    if protocol is not None:
         if protocol == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
                 OTLPMetricExporter as GrpcExporter,

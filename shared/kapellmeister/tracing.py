@@ -76,6 +76,7 @@ __all__ = [
     "span",
     "trace_id_of",
     "tracer",
+    "wanted_exporters",
 ]
 
 TRACE_HEADERS = ("traceparent", "tracestate")
@@ -134,21 +135,29 @@ def setup_tracing(service_name: str, environ: Mapping[str, str] | None = None) -
     _tracer, _recording, _provider = None, bool(exporters), provider
 
 
-def _span_exporters(env: Mapping[str, str]) -> list[SpanExporter]:
-    """The exporters the ``OTEL_*`` variables ask for (none without an endpoint)."""
+def wanted_exporters(env: Mapping[str, str], signal: str) -> tuple[bool, str | None]:
+    """What the ``OTEL_*`` variables ask for ``signal`` (``TRACES``, ``METRICS``):
+    whether to print to the console, and the OTLP protocol (None: no OTLP, as without
+    an endpoint)."""
     if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
-        return []
-    names = {n.strip().lower() for n in env.get("OTEL_TRACES_EXPORTER", "otlp").split(",")}
-    found: list[SpanExporter] = []
-    if "console" in names:
-        found.append(ConsoleSpanExporter())
-    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
+        return False, None
+    names = {n.strip().lower() for n in env.get(f"OTEL_{signal}_EXPORTER", "otlp").split(",")}
+    endpoint = env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") or env.get(
         "OTEL_EXPORTER_OTLP_ENDPOINT"
     )
+    protocol = None
     if "otlp" in names and endpoint:
-        protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get(
+        protocol = env.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL") or env.get(
             "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
         )
+    return "console" in names, protocol
+
+
+def _span_exporters(env: Mapping[str, str]) -> list[SpanExporter]:
+    """The exporters the ``OTEL_*`` variables ask for (none without an endpoint)."""
+    console, protocol = wanted_exporters(env, "TRACES")
+    found: list[SpanExporter] = [ConsoleSpanExporter()] if console else []
+    if protocol is not None:
         if protocol == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
                 OTLPSpanExporter as GrpcExporter,
