@@ -88,6 +88,7 @@ from kapellmeister.metrics import metrics
 from kapellmeister.micro import stop_service
 from kapellmeister.recovery import Recovery, is_old
 from kapellmeister.registry import DefinitionStore, Registry
+from kapellmeister.runtime import within
 from kapellmeister.store import CasConflict, SagaStore, Versioned
 from kapellmeister.topology import (
     DEADLETTERS,
@@ -829,11 +830,7 @@ _FAILED: Final = frozenset({"FAILED", "TIMED_OUT"})
 
 async def _bounded(what: str, step: Awaitable[object], seconds: float) -> None:
     """Await ``step`` for at most ``seconds``; past that, log it and go on."""
-    # Not wait_for: it waits for the cancelled step to end, which is the hang avoided.
-    task = asyncio.ensure_future(step)
-    done, _ = await asyncio.wait({task}, timeout=seconds)
-    if not done:
-        task.cancel()
+    if not await within(step, seconds):
         log.warning("conductor stop: %s did not end within %.0f s; left behind", what, seconds)
 
 

@@ -20,6 +20,7 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 
 from kapellmeister.errors import ErrorDetail, KapellmeisterError, error_reply
+from kapellmeister.runtime import within
 
 __all__ = ["EndpointHandler", "add_endpoint", "error_detail", "stop_service"]
 
@@ -88,9 +89,6 @@ async def stop_service(service: Service, timeout_s: float = 5.0) -> None:
     """Stop ``service``, for at most ``timeout_s``: nats-py drains its discovery
     subscriptions by joining their pending queues, without a bound, and a drain stuck
     there must not keep a stopping process (or a test) waiting for ever."""
-    try:
-        await asyncio.wait_for(service.stop(), timeout_s)
-    except TimeoutError:
-        log.warning(
-            "micro service %s did not stop in %.0f s; left behind", service.info().name, timeout_s
-        )
+    if not await within(service.stop(), timeout_s):
+        name = service.info().name
+        log.warning("micro service %s did not stop in %.0f s; left behind", name, timeout_s)

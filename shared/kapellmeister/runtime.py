@@ -11,7 +11,7 @@ import asyncio
 import datetime
 import logging
 import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import nats
@@ -24,7 +24,7 @@ from kapellmeister.messages import utc_text
 from kapellmeister.metrics import setup_metrics, shutdown_metrics
 from kapellmeister.tracing import flush, setup_tracing
 
-__all__ = ["ServiceMain", "connect", "disconnect", "run_service", "utc_now"]
+__all__ = ["ServiceMain", "connect", "disconnect", "run_service", "utc_now", "within"]
 
 log = logging.getLogger("kapellmeister")
 
@@ -75,6 +75,17 @@ async def disconnect(nc: Client) -> None:
 def utc_now() -> str:
     """Now, as the RFC 3339 UTC text the saga state uses."""
     return utc_text(datetime.datetime.now(datetime.UTC))
+
+
+async def within(step: Awaitable[object], seconds: float) -> bool:
+    """Await ``step`` for at most ``seconds``; False (and ``step`` cancelled, not awaited)
+    if it overran. Not ``wait_for``: that waits for the cancelled step to end, which is
+    the hang a bound is for (nats-py's drains join their queues without a bound)."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+    return bool(done)
 
 
 async def _bounded(name: str, service: asyncio.Task[None], seconds: float) -> None:

@@ -28,3 +28,13 @@ async def test_a_service_stuck_in_its_stop_is_cancelled_after_the_bound(caplog):
         await _bounded("svc", service, 0.2)
     assert service.cancelled()
     assert "svc: not stopped after 0 s (NATS unreachable?): exiting" in caplog.text
+
+
+async def test_within_cuts_off_a_step_that_overruns_without_awaiting_it():
+    from kapellmeister.runtime import within
+
+    async def stuck() -> None:
+        await asyncio.Event().wait()
+
+    assert await within(asyncio.sleep(0.01), 5.0) is True
+    assert await within(stuck(), 0.1) is False
