@@ -14,6 +14,7 @@ from nats.js.api import RawStreamMsg
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from kapellmeister.messages import TERMINAL
+from kapellmeister.store import read_bucket
 from services.agenda.handlers import ActivityRequest
 from services.agenda.handlers import activity as agenda_activity
 from services.weather.handlers import ReportRequest
@@ -60,6 +61,12 @@ async def find_saga(js: JetStreamContext, workflow_id: str) -> dict[str, Any] | 
     except KeyNotFoundError:
         return None
     return dict(msgspec.json.decode(entry.value or b"{}"))
+
+
+async def stored_keys(js: JetStreamContext, bucket: str, prefix: str = "") -> list[str]:
+    """The keys of a KV bucket that start with ``prefix``, sorted (``nats kv ls``)."""
+    kv = await js.key_value(bucket)
+    return sorted([key async for key, _ in read_bucket(kv) if key.startswith(prefix)])
 
 
 async def saga(js: JetStreamContext, workflow_id: str) -> dict[str, Any]:

@@ -28,10 +28,11 @@ import nats.errors
 import yaml
 from nats.aio.client import Client
 from nats.js.api import DeliverPolicy
-from nats.js.errors import BucketNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from kapellmeister.config import Settings
 from kapellmeister.deadletter import DeadLetter
+from kapellmeister.store import read_bucket
 from kapellmeister.topology import DEADLETTERS, EVENTS
 
 __all__ = ["main", "request"]
@@ -472,13 +473,9 @@ async def _registered_tasks(settings: Settings) -> dict[str, Any]:
     nc = await _connect(settings)
     try:
         kv = await nc.jetstream().key_value("tasks")
-        try:
-            keys = await kv.keys()
-        except NoKeysError:
-            keys = []
         tasks: dict[str, Any] = {}
-        for key in keys:
-            registration = msgspec.json.decode((await kv.get(key)).value or b"{}")
+        async for _, value in read_bucket(kv):
+            registration = msgspec.json.decode(value)
             tasks[registration["name"]] = registration
         return tasks
     except BucketNotFoundError:

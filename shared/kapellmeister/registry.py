@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import msgspec
-from nats.js.errors import KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from kapellmeister.checker import SubWorkflows, check, problems_message
@@ -231,13 +231,4 @@ class DefinitionStore:
 
     async def _task_registrations(self) -> dict[str, dict[str, Any]]:
         """Every agent task registration in the ``tasks`` bucket, by task name."""
-        try:
-            keys = await self.tasks.keys()
-        except NoKeysError:
-            return {}
-        found: dict[str, dict[str, Any]] = {}
-        for key in keys:
-            entry = await self.tasks.get(key)
-            if entry.value:
-                found[key] = msgspec.json.decode(entry.value)
-        return found
+        return {key: msgspec.json.decode(value) async for key, value in read_bucket(self.tasks)}

@@ -43,21 +43,28 @@ class Versioned(msgspec.Struct, frozen=True):
 async def read_bucket(kv: KeyValue, quiet_s: float = 10.0) -> AsyncIterator[tuple[str, bytes]]:
     """The key and latest value of every key of a bucket (an ordered consumer over it).
 
-    The watcher marks the end of what is stored with None; should that marker never come
-    (a reconnect mid-read), a quiet ``quiet_s`` ends the read instead of hanging it.
+    The end is the first entry with nothing pending after it (its ``delta`` is 0), and an
+    empty bucket is known from its status first. nats-py's own end marker (a None update)
+    is not trusted: it is sent early when the server has pushed every entry before the
+    client counted one, so a read ending on it can miss the whole bucket. Should the end
+    never come (a reconnect mid-read, a purge under the read), a quiet ``quiet_s`` ends it.
     """
-    watcher = await kv.watchall(ignore_deletes=True)
+    if (await kv.status()).values == 0:
+        return
+    watcher = await kv.watchall()
     try:
         while True:
             try:
                 entry = await watcher.updates(timeout=quiet_s)
             except nats.errors.TimeoutError:
-                log.warning("reading bucket %s: no end marker after %.0fs", kv._name, quiet_s)
+                log.warning("reading bucket %s: no end after %.0fs", kv._name, quiet_s)
                 return
-            if entry is None:
-                return
-            if entry.value:
+            if entry is None:  # nats-py's marker: not the end (see above)
+                continue
+            if entry.value and entry.operation is None:
                 yield entry.key, entry.value
+            if entry.delta == 0:
+                return
     finally:
         await watcher.stop()
 

@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 from kapellmeister.processes import ServiceProcess, wait_for_services
-from tests.support import call, stream_messages
+from tests.support import call, stored_keys, stream_messages
 
 pytestmark = pytest.mark.e2e
 
@@ -66,7 +66,7 @@ async def test_an_event_starts_one_workflow_across_a_crash_before_its_ack(
         assert info.delivered is not None
         assert (info.delivered.stream_seq, info.delivered.consumer_seq) == (1, 2)
         kv = await js.key_value("workflows")
-        keys = [k for k in await kv.keys() if k.startswith("greeting=")]
+        keys = await stored_keys(js, "workflows", "greeting=")
         assert keys == ["greeting=signup-42"]
         history = await kv.history("greeting=signup-42")
         assert len(history) == 1  # created once; the redelivery wrote nothing

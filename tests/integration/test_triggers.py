@@ -16,7 +16,7 @@ import pytest
 from kapellmeister.conductor import Conductor
 from kapellmeister.registry import Registry
 from services.conductor.__main__ import registry
-from tests.support import body, call, dead_letters, find_saga, wait_finished
+from tests.support import body, call, dead_letters, find_saga, stored_keys, wait_finished
 
 GREETING = {
     "name": "greeting",
@@ -39,23 +39,18 @@ async def conductor(nc, settings):
     await conductor.stop()
 
 
-async def sagas(js, prefix: str) -> list[str]:
-    kv = await js.key_value("workflows")
-    try:
-        keys = await kv.keys()
-    except Exception:  # no keys yet
-        return []
-    return sorted(k for k in keys if k.startswith(prefix))
-
-
 async def settle(js) -> None:
-    """Until the conductors' trigger consumer has taken every event, and acted."""
-    for _ in range(200):
+    """Until the conductors' trigger consumer has acked every event stored so far.
+
+    Its ack floor, not its pending counts: the server tells a consumer of a new message
+    asynchronously, so just after a publish both counts can still read 0."""
+    last = (await js.stream_info("EVENTS")).state.last_seq
+    for _ in range(400):
         info = await js.consumer_info("EVENTS", "conductor-triggers")
-        if info.num_pending == 0 and info.num_ack_pending == 0:
-            break
+        if info.ack_floor is not None and (info.ack_floor.stream_seq or 0) >= last:
+            return
         await asyncio.sleep(0.05)
-    await asyncio.sleep(0.2)
+    raise AssertionError(f"the trigger consumer did not ack up to {last}: {info}")
 
 
 async def test_an_event_starts_its_workflow_once_by_its_id(nc, js, conductor):
@@ -63,7 +58,7 @@ async def test_an_event_starts_its_workflow_once_by_its_id(nc, js, conductor):
     for _ in range(2):  # the same event published twice: stored once
         await js.publish("events.user.eu.joined", event, headers={"Nats-Msg-Id": "j-1"})
     await settle(js)
-    assert await sagas(js, "greeting=") == ["greeting=j-1"]
+    assert await stored_keys(js, "workflows", "greeting=") == ["greeting=j-1"]
     state = body(await call(nc, "conductor.get.greeting=j-1"))
     assert (state["workflow"], state["status"], state["input"]) == (
         "greeting",
@@ -88,7 +83,7 @@ async def test_a_cloudevents_envelope_is_unwrapped_and_its_id_dedupes(nc, js, co
     await settle(js)
     # A CloudEvents id is unique per source: a digest of the source goes with it.
     workflow_id = f"greeting=ce-7-{hashlib.sha256(b'/signup').hexdigest()[:8]}"
-    assert await sagas(js, "greeting=") == [workflow_id]
+    assert await stored_keys(js, "workflows", "greeting=") == [workflow_id]
     assert body(await call(nc, f"conductor.get.{workflow_id}"))["input"] == {"user": "bo"}
 
 
@@ -96,7 +91,7 @@ async def test_an_event_without_an_id_is_known_by_its_stream_sequence(nc, js, co
     ack = await js.publish("events.user.x.joined", b'{"user": "cy"}')
     await settle(js)
     workflow_id = f"greeting=seq-{ack.seq}"
-    assert await sagas(js, "greeting=") == [workflow_id]
+    assert await stored_keys(js, "workflows", "greeting=") == [workflow_id]
     await call(nc, f"conductor.signal.{workflow_id}.hold", {})
     state = (await wait_finished(js, [workflow_id], timeout=10))[workflow_id]
     assert (state["status"], state["output"]) == ("COMPLETED", {"user": "cy"})
@@ -106,14 +101,14 @@ async def test_events_nothing_listens_for_start_nothing(nc, js, conductor):
     await js.publish("events.user.eu.left", b'{"user": "ann"}', headers={"Nats-Msg-Id": "l-1"})
     await js.publish("events.user.joined", b'{"user": "ann"}', headers={"Nats-Msg-Id": "l-2"})
     await settle(js)
-    assert await sagas(js, "greeting=") == []
+    assert await stored_keys(js, "workflows", "greeting=") == []
 
 
 async def test_an_event_a_trigger_cannot_use_is_a_dead_letter(nc, js, conductor):
     await js.publish("events.user.eu.joined", b"not json", headers={"Nats-Msg-Id": "bad-1"})
     await js.publish("events.user.eu.joined", b'{"name": "x"}', headers={"Nats-Msg-Id": "bad-2"})
     await settle(js)
-    assert await sagas(js, "greeting=") == []
+    assert await stored_keys(js, "workflows", "greeting=") == []
     letters = await dead_letters(js, "deadletter.conductor")
     reasons = {base64.b64decode(letter["data_base64"]): letter["reason"] for letter in letters}
     assert "an event must be JSON" in reasons[b"not json"]
@@ -155,12 +150,12 @@ async def test_a_start_that_fails_is_retried_from_the_event(nc, js, settings):
     try:
         await js.publish("events.user.eu.joined", b'{"user": "ed"}', headers={"Nats-Msg-Id": "r-1"})
         for _ in range(100):  # the nak's backoff is 2 s
-            if await sagas(js, "greeting="):
+            if await stored_keys(js, "workflows", "greeting="):
                 break
             await asyncio.sleep(0.1)
     finally:
         await conductor.stop()
-    assert await sagas(js, "greeting=") == ["greeting=r-1"]
+    assert await stored_keys(js, "workflows", "greeting=") == ["greeting=r-1"]
 
 
 async def test_an_event_no_start_can_take_is_a_dead_letter_not_lost(nc, js, settings):
@@ -173,4 +168,4 @@ async def test_an_event_no_start_can_take_is_a_dead_letter_not_lost(nc, js, sett
     [letter] = letters
     assert letter["reason"] == "not started after 3 deliveries: greeting"
     assert base64.b64decode(letter["data_base64"]) == b'{"user": "fy"}'
-    assert await sagas(js, "greeting=") == []
+    assert await stored_keys(js, "workflows", "greeting=") == []

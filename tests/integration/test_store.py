@@ -1,0 +1,39 @@
+"""Reading a whole KV bucket (listings, sweeps, registrations) on a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+
+from kapellmeister.store import read_bucket
+
+
+async def read(kv) -> list[tuple[str, bytes]]:
+    return [item async for item in read_bucket(kv, quiet_s=2.0)]
+
+
+async def test_an_empty_bucket_reads_as_nothing_at_once(js):
+    kv = await js.create_key_value(bucket="empty")
+    assert await asyncio.wait_for(read(kv), timeout=1.0) == []
+
+
+async def test_every_key_is_read_once_at_its_latest_value_and_deleted_keys_are_not(js):
+    kv = await js.create_key_value(bucket="some", history=5)
+    for n in range(50):
+        await kv.put(f"k{n:02d}", b"old")
+    for n in range(0, 50, 2):
+        await kv.put(f"k{n:02d}", b"new")
+    await kv.delete("k01")
+    await kv.purge("k03")
+    await kv.delete("k49")  # the last message of the bucket is a delete marker
+    got = await asyncio.wait_for(read(kv), timeout=1.0)
+    expected = [
+        (f"k{n:02d}", b"new" if n % 2 == 0 else b"old") for n in range(50) if n not in (1, 3, 49)
+    ]
+    assert sorted(got) == expected
+
+
+async def test_a_bucket_of_only_deleted_keys_reads_as_nothing_without_waiting(js):
+    kv = await js.create_key_value(bucket="gone")
+    await kv.put("a", b"1")
+    await kv.delete("a")
+    assert await asyncio.wait_for(read(kv), timeout=1.0) == []
