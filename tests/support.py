@@ -124,14 +124,14 @@ async def stream_messages(js: JetStreamContext, stream: str, subject: str) -> li
 
 
 async def dead_letters(
-    js: JetStreamContext, subject: str, timeout: float = 10.0
+    js: JetStreamContext, subject: str, timeout: float = 10.0, count: int = 1
 ) -> list[dict[str, Any]]:
-    """The dead-letter records on ``subject`` once there is at least one (bounded wait)."""
+    """The dead-letter records on ``subject`` once there are ``count`` (bounded wait)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
         found = await stream_messages(js, "DEADLETTERS", subject)
-        if found or loop.time() > deadline:
+        if len(found) >= count or loop.time() > deadline:
             return [dict(msgspec.json.decode(m.data or b"{}")) for m in found]
         await asyncio.sleep(0.05)
 

@@ -413,7 +413,9 @@ class Agent:
         msg_id = (msg.headers or {}).get("Nats-Msg-Id") or (
             f"{result.workflow_id}:{result.ref}:{result.attempt}"
         )
-        subject = f"results.{result.workflow_id}"
+        # The task's name in the subject: NATS permissions can let an agent publish the
+        # results of its own tasks only, and the conductor checks the name against the ref.
+        subject = f"results.{result.workflow_id}.{msg.subject.removeprefix('tasks.')}"
 
         def attributes() -> dict[str, str | int]:
             return {
@@ -424,7 +426,9 @@ class Agent:
             }
 
         try:
-            with tracing.producer("results.{workflow_id}", subject, trace, attributes) as sent:
+            with tracing.producer(
+                "results.{workflow_id}.{task}", subject, trace, attributes
+            ) as sent:
                 headers = {**sent, "Nats-Msg-Id": f"{msg_id}:result"}
                 await self._js.publish(subject, _encode(result), headers=headers)
         except (TimeoutError, nats.errors.Error) as exc:

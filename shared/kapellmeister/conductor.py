@@ -609,6 +609,14 @@ class Conductor:
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             await dead_letter(self.js, msg, "conductor", f"not a task result: {exc}")
             return
+        # results.<workflow_id> is the conductor's own (timers, child workflows);
+        # results.<workflow_id>.<task> an agent's, which may only end an attempt of
+        # that task in that workflow (what NATS permissions let the agent publish).
+        _, workflow_id, task = [*msg.subject.split(".", 2), ""][:3]
+        if task and (workflow_id != result.workflow_id or result.timer is not None):
+            reason = f"a result on {msg.subject} may only end a task {task} of {workflow_id}"
+            await dead_letter(self.js, msg, "conductor", reason)
+            return
         # The stream's clock stamps the fact: no comparison of two hosts' clocks.
         at = utc_text(msg.metadata.timestamp) if msg.metadata.timestamp else self.clock.now()
         if result.timer == "response":
@@ -632,7 +640,7 @@ class Conductor:
         about = {"workflow.id": result.workflow_id, "task.ref": result.ref}
         name = "process results.{workflow_id}"
         with tracing.span(name, SpanKind.CONSUMER, msg.headers, about, attributes) as trace:
-            decision, wrote = await self._apply(_fact(result, at))
+            decision, wrote = await self._apply(_fact(result, at, task))
             if decision.state is not None:
                 tracing.set_attributes({"workflow.name": decision.state.workflow})
             if wrote and decision.state is not None and decision.state.status in _FAILED:
@@ -900,8 +908,9 @@ class _SweepHead(msgspec.Struct, frozen=True):
     unpublished: str = ""
 
 
-def _fact(result: TaskResult, at: str) -> Fact:
-    """The fact a task result (or a timer firing on the results stream) states."""
+def _fact(result: TaskResult, at: str, task: str = "") -> Fact:
+    """The fact a task result (or a timer firing on the results stream) states; ``task``
+    is the task name the result was published under (empty for the conductor's own)."""
     if result.timer == "retry":
         return RetryDue(
             workflow_id=result.workflow_id, ref=result.ref, attempt=result.attempt, at=at
@@ -921,6 +930,7 @@ def _fact(result: TaskResult, at: str) -> Fact:
             at=at,
             started_at=result.started_at,
             worker=result.worker,
+            task=task,
         )
     return TaskCompleted(
         workflow_id=result.workflow_id,
@@ -930,4 +940,5 @@ def _fact(result: TaskResult, at: str) -> Fact:
         at=at,
         started_at=result.started_at,
         worker=result.worker,
+        task=task,
     )

@@ -525,6 +525,8 @@ def _task_ended(definition: Definition, state: Saga, fact: TaskCompleted | TaskF
     record = next((t for t in state.tasks if t.ref == fact.ref), None)
     if record is None or record.attempt != fact.attempt:
         return Decision(state, ())  # a stale attempt or a ref this saga never scheduled
+    if fact.task and fact.task != record.name:
+        return Decision(state, ())  # published for another task (a wrong or forged result)
     if record.status not in _WAITING:
         return Decision(state, commands_caused_by(definition, state, cause))  # redelivery
     if state.status in TERMINAL:

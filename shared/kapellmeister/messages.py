@@ -111,7 +111,8 @@ class TaskRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class TaskResult(msgspec.Struct, frozen=True, kw_only=True):
-    """Published by an agent on ``results.<workflow_id>`` when a task attempt ends."""
+    """Published by an agent on ``results.<workflow_id>.<task name>`` when a task attempt
+    ends (the conductor's own timers and child workflows use ``results.<workflow_id>``)."""
 
     workflow_id: str
     ref: str
@@ -272,6 +273,9 @@ class TaskCompleted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     at: str
     started_at: str | None = None
     worker: str = ""
+    # The task name the result was published under (empty: the conductor's own): a
+    # result is only taken for a task of that name.
+    task: str = ""
 
 
 class TaskFailed(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -282,6 +286,7 @@ class TaskFailed(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     at: str
     started_at: str | None = None
     worker: str = ""
+    task: str = ""  # as in TaskCompleted
 
 
 class SignalReceived(msgspec.Struct, frozen=True, kw_only=True, tag=True):

@@ -64,14 +64,18 @@ class Recovery:
         """Steps 1 and 2: the commands not found stored, none if a result is waiting.
 
         ``applying`` is the RESULTS sequence of the fact being applied now, if any: it
-        waits on ``results.<workflow_id>`` until acked, and does not count.
+        waits on ``results.<workflow_id>`` (or ``.<task>``, an agent's) until acked, and
+        does not count.
         """
         found: list[Command] = []
         for command in commands:
             where = _where(command)
             if where is None or command.msg_id not in await self.stored(*where):
                 found.append(command)
-        if found and await self._waiting(f"results.{state.workflow_id}", applying):
+        if not found:
+            return found
+        own, agents = f"results.{state.workflow_id}", f"results.{state.workflow_id}.>"
+        if await self._waiting(own, applying) or await self._waiting(agents, applying):
             return []
         return found
 

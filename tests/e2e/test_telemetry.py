@@ -99,11 +99,11 @@ async def test_plan_day_is_one_trace_across_the_three_services(nc, js, services,
             ("conductor", "workflow plan_day"),
             ("conductor", "publish tasks.agenda.activity"),
             ("agenda", "process tasks.agenda.activity"),
-            ("agenda", "publish results.{workflow_id}"),
+            ("agenda", "publish results.{workflow_id}.{task}"),
             ("conductor", "process results.{workflow_id}"),
             ("conductor", "publish tasks.weather.report"),
             ("weather", "process tasks.weather.report"),
-            ("weather", "publish results.{workflow_id}"),
+            ("weather", "publish results.{workflow_id}.{task}"),
             ("conductor", "process results.{workflow_id}"),
             ("conductor", "publish events.activity.chosen"),
         ]
@@ -141,7 +141,9 @@ async def test_plan_day_is_one_trace_across_the_three_services(nc, js, services,
         assert process.attributes["messaging.destination.name"] == f"tasks.{task}"
         assert process.attributes["task.attempt"] == 1
         [reply] = [
-            s for s in spans if s.service == agent and s.name == "publish results.{workflow_id}"
+            s
+            for s in spans
+            if s.service == agent and s.name == "publish results.{workflow_id}.{task}"
         ]
         assert parent(reply, spans) == process
         [applied] = [s for s in spans if s.kind == "CONSUMER" and parent(s, spans) == reply]

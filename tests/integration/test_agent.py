@@ -89,7 +89,7 @@ async def _results(js, workflow_id: str, count: int = 1, timeout: float = 15.0):
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline:
-        found = await stream_messages(js, RESULTS, f"results.{workflow_id}")
+        found = await stream_messages(js, RESULTS, f"results.{workflow_id}.>")
         if len(found) >= count:
             return [msgspec.json.decode(m.data or b"") for m in found]
         await asyncio.sleep(0.1)
@@ -102,7 +102,8 @@ async def test_work_queue_task_publishes_its_result_with_a_derived_msg_id(js, ag
     assert result["status"] == "COMPLETED"
     assert result["output"] == {"activity": "free"}
     assert result["worker"].startswith("agenda/")
-    stored = await stream_messages(js, RESULTS, "results.wq1")
+    stored = await stream_messages(js, RESULTS, "results.wq1.>")
+    assert stored[0].subject == "results.wq1.agenda.activity"  # the task's name in it
     assert (stored[0].headers or {})["Nats-Msg-Id"] == "wq1:r:1:result"
     tasks = await js.stream_info("TASKS")
     assert tasks.state.messages == 0  # acked, so gone from the work queue

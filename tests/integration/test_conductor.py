@@ -373,3 +373,39 @@ async def test_an_undecodable_result_is_a_dead_letter_and_the_conductor_goes_on(
             break
         await asyncio.sleep(0.05)
     assert (await js.stream_info("RESULTS")).state.messages == 0  # the bad one was terminated
+
+
+async def test_a_result_is_taken_only_from_its_own_task_subject(nc, js, conductor):
+    """An agent may publish results.<workflow_id>.<its task> only (its NATS permissions);
+    the conductor checks the rest: the workflow in the subject, no timers, the task name."""
+    workflow_id = await start(nc, FREE_SATURDAY)  # no agents: the first task waits
+    [first] = (await saga(js, workflow_id))["tasks"]
+    assert (first["name"], first["status"]) == ("agenda.activity", "SCHEDULED")
+    result = {"workflow_id": workflow_id, "ref": first["ref"], "attempt": 1}
+    done = {**result, "status": "COMPLETED", "output": {"activity": "free"}}
+    before = await kv_revisions(js)
+    # Another task's name: ignored. Another workflow's subject, or a timer: dead letters.
+    await js.publish(f"results.{workflow_id}.weather.report", msgspec.json.encode(done))
+    await js.publish("results.other-1.agenda.activity", msgspec.json.encode(done))
+    timer = {**done, "timer": "workflow_timeout"}
+    await js.publish(f"results.{workflow_id}.agenda.activity", msgspec.json.encode(timer))
+    letters = await dead_letters(js, "deadletter.conductor", count=2)
+    assert {letter["subject"] for letter in letters} == {
+        "results.other-1.agenda.activity",
+        f"results.{workflow_id}.agenda.activity",
+    }
+    assert all("may only end a task agenda.activity of" in letter["reason"] for letter in letters)
+    for _ in range(100):
+        if (await js.stream_info("RESULTS")).state.messages == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert await kv_revisions(js) == before  # nothing of the three changed the saga
+    assert (await saga(js, workflow_id))["tasks"][0]["status"] == "SCHEDULED"
+    # Its own task's subject: taken.
+    await js.publish(f"results.{workflow_id}.agenda.activity", msgspec.json.encode(done))
+    for _ in range(100):
+        state = await saga(js, workflow_id)
+        if state["tasks"][0]["status"] == "COMPLETED":
+            break
+        await asyncio.sleep(0.05)
+    assert state["tasks"][0]["output"] == {"activity": "free"}
