@@ -31,6 +31,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    # Replies and pulled messages come to subjects under this prefix: give each service
+    # its own (``_INBOX_weather``) and NATS permissions keep others from reading them.
+    # None: nats-py's ``_INBOX``.
+    inbox_prefix: str | None = None
     # Replicas of streams and buckets this process creates (3 on a production cluster).
     replicas: int = 1
     # Tasks one agent process runs at once, facts one conductor process decides at once.
@@ -82,6 +86,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ("NATS_CA", "tls_ca_file"),
             ("NATS_CERT", "tls_cert_file"),
             ("NATS_KEY", "tls_key_file"),
+            ("NATS_INBOX_PREFIX", "inbox_prefix"),
         ):
             if short in env and field not in values:
                 values[field], source[field] = env[short], short
@@ -97,6 +102,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def connect_options(self) -> dict[str, Any]:
         """Keyword arguments for ``nats.connect`` from the credentials set."""
         options: dict[str, Any] = {"servers": [s.strip() for s in self.nats_url.split(",")]}
+        if self.inbox_prefix is not None:
+            options["inbox_prefix"] = self.inbox_prefix
         if self.user is not None:
             options["user"] = self.user
             options["password"] = self.password or ""

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -45,13 +46,27 @@ class EmbeddedServer:
     Args:
         store_dir: JetStream's data directory; kept across restarts of the server.
         port: the client port; -1 lets the server pick a free one.
-        config_file: an optional ``-c`` configuration file.
+        config_file: an optional ``-c`` configuration file (the flags above win over it);
+            it names JetStream's store directory, ``store_dir`` then holds only the log.
+        args: more ``nats-server`` flags (``--cluster``, ``--routes``, ``-n``, …).
+        env: the server's environment (a configuration's ``$VARIABLE`` values);
+            default: this process's.
     """
 
-    def __init__(self, store_dir: Path, *, port: int = -1, config_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        store_dir: Path,
+        *,
+        port: int = -1,
+        config_file: Path | None = None,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.store_dir = Path(store_dir)
         self.port = port
         self.config_file = config_file
+        self.args = list(args)
+        self.env = dict(env) if env is not None else None
         self.log_file = self.store_dir / "nats-server.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -68,22 +83,20 @@ class EmbeddedServer:
         """
         self.store_dir.mkdir(parents=True, exist_ok=True)
         offset = self.log_file.stat().st_size if self.log_file.exists() else 0
-        command = [
-            find_binary(),
-            "-a",
-            "127.0.0.1",
-            "-p",
-            str(self.port),
-            "-js",
-            "-sd",
-            str(self.store_dir),
-            "-l",
-            str(self.log_file),
-        ]
-        if self.config_file is not None:
-            command += ["-c", str(self.config_file)]
+        command = [find_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-l", str(self.log_file)]
+        if self.config_file is None:
+            command += ["-js", "-sd", str(self.store_dir)]
+        else:
+            # The configuration says where JetStream stores (a -sd as well is refused);
+            # the monitoring port is ours to choose: any free one.
+            command += ["-c", str(self.config_file), "-m", "-1"]
+        command += self.args
         self.process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            command,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -25,8 +25,13 @@ shows the last steps), ``definitions``, ``tasks`` (the agent registry), ``leases
 
 from __future__ import annotations
 
-from typing import Final
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Final, TypeVar
 
+import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -38,7 +43,13 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import (
+    APIError,
+    BadRequestError,
+    BucketNotFoundError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from nats.js.kv import KeyValue
 
 __all__ = [
@@ -52,6 +63,9 @@ __all__ = [
     "ensure_consumer",
     "ensure_streams",
 ]
+
+log = logging.getLogger("kapellmeister.topology")
+T = TypeVar("T")
 
 EVENTS: Final = "EVENTS"
 TASKS: Final = "TASKS"
@@ -120,7 +134,12 @@ def _streams(replicas: int) -> list[StreamConfig]:
 
 
 async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
-    """Create or update the streams with the settings above."""
+    """Create or update the streams with the settings above.
+
+    A service whose NATS user may not create or update streams (an agent under the
+    deploy permissions, where the conductor owns the topology) binds to them as they
+    are: it waits for a missing one to be created, and leaves a different one alone.
+    """
     for config in _streams(replicas):
         name = config.name or ""
         try:
@@ -131,6 +150,8 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
             except BadRequestError:
                 # Another service created it between our look and our create.
                 await js.update_stream(config)
+            except _REFUSED as exc:
+                await _wait_for(f"stream {name}", functools.partial(js.stream_info, name), exc)
             continue
         current = info.config
         if (
@@ -138,16 +159,23 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
             or current.subjects != config.subjects
             or bool(current.allow_msg_schedules) != bool(config.allow_msg_schedules)
         ):
-            await js.update_stream(config)
+            try:
+                await js.update_stream(config)
+            except _REFUSED as exc:
+                log.warning("stream %s is not as this version would have it: %r", name, exc)
 
 
 async def ensure_buckets(js: JetStreamContext, replicas: int = 1) -> dict[str, KeyValue]:
-    """Create (or bind to) every KV bucket; returns them by name."""
+    """Create (or bind to) every KV bucket; returns them by name (waits, like
+    `ensure_streams`, for one this service may not create)."""
     buckets: dict[str, KeyValue] = {}
     for name, history in BUCKETS.items():
         try:
             buckets[name] = await js.key_value(name)
-        except Exception:
+            continue
+        except BucketNotFoundError:
+            pass
+        try:
             buckets[name] = await js.create_key_value(
                 KeyValueConfig(
                     bucket=name,
@@ -160,7 +188,30 @@ async def ensure_buckets(js: JetStreamContext, replicas: int = 1) -> dict[str, K
                     description=f"kapellmeister {name}",
                 )
             )
+        except _REFUSED as exc:
+            buckets[name] = await _wait_for(
+                f"bucket {name}", functools.partial(js.key_value, name), exc
+            )
     return buckets
+
+
+# What a create or update this user may not make ends in: a permissions violation is
+# an -ERR the request never hears of, so it times out; a JetStream refusal is an error.
+_REFUSED = (TimeoutError, nats.errors.TimeoutError, ServiceUnavailableError, APIError)
+
+
+async def _wait_for(what: str, look: Callable[[], Awaitable[T]], why: BaseException) -> T:
+    """``look()`` until it finds what another service (the conductor) must create."""
+    log.warning("cannot create %s (%r): waiting for the conductor to create it", what, why)
+    waited = 0.0
+    while True:
+        try:
+            return await look()
+        except (NotFoundError, BucketNotFoundError):
+            await asyncio.sleep(1.0)
+            waited += 1.0
+            if waited % 30 == 0:
+                log.warning("still waiting for %s (%.0f s)", what, waited)
 
 
 def consumer_name(subject: str) -> str:
@@ -186,6 +237,10 @@ async def ensure_consumer(
     what is stored from then on, not the stream's history (a listener on EVENTS)."""
     durable = durable or consumer_name(subject)
     config = ConsumerConfig(
+        # The name as well: the create request's subject then carries the name and the
+        # filter ($JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>), which NATS
+        # permissions can restrict (an agent creates consumers on its own tasks only).
+        name=durable,
         durable_name=durable,
         filter_subject=subject,
         ack_policy=AckPolicy.EXPLICIT,

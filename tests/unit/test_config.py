@@ -123,6 +123,15 @@ def test_nkey_seed_file():
     assert settings.connect_options()["nkeys_seed"] == "/etc/nats/app.nk"
 
 
+def test_an_inbox_prefix_of_its_own():
+    assert "inbox_prefix" not in Settings.from_env({}).connect_options()  # nats-py's _INBOX
+    for env in (
+        {"NATS_INBOX_PREFIX": "_INBOX_weather"},
+        {"KAPELLMEISTER_INBOX_PREFIX": "_INBOX_weather"},
+    ):
+        assert Settings.from_env(env).connect_options()["inbox_prefix"] == "_INBOX_weather"
+
+
 def test_our_prefix_wins_over_the_short_names():
     settings = Settings.from_env({"NATS_USER": "short", "KAPELLMEISTER_USER": "long"})
     assert settings.user == "long"
