@@ -152,3 +152,15 @@ def free_days(count: int) -> list[tuple[str, str]]:
         (f"free{i}", (first_saturday + datetime.timedelta(weeks=i)).strftime("%Y-%m-%dT%H:%M:%S"))
         for i in range(count)
     ]
+
+
+async def http_get(port: int, path: str) -> tuple[int, Any]:
+    """GET ``http://127.0.0.1:<port><path>``: its status and JSON body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+    await writer.drain()
+    response = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), msgspec.json.decode(body)

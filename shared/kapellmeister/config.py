@@ -60,6 +60,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Serve /metrics for Prometheus on this port (and host), if set.
     metrics_port: int | None = None
     metrics_host: str = "0.0.0.0"
+    # Serve /livez and /readyz (connected, consumers bound) on this port (and host), if set.
+    health_port: int | None = None
+    health_host: str = "0.0.0.0"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

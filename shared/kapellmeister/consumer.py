@@ -12,17 +12,26 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from kapellmeister.metrics import metrics
 
-__all__ = ["MessageHandler", "PullWorker"]
+__all__ = ["MessageHandler", "PullWorker", "running_workers"]
 
 log = logging.getLogger("kapellmeister.consumer")
 
 MessageHandler = Callable[[Msg], Awaitable[None]]
+
+# The workers started and not stopped in this process: what /readyz checks.
+_running: set[PullWorker] = set()
+
+
+def running_workers() -> list[PullWorker]:
+    """The pull workers running in this process, by stream and consumer."""
+    return sorted(_running, key=lambda w: (w.stream, w.durable))
 
 
 class PullWorker:
@@ -45,6 +54,7 @@ class PullWorker:
     ) -> None:
         self.name = name
         self.durable = durable
+        self.stream = stream
         self._nc = nc
         self._stream = stream
         self._next = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
@@ -62,9 +72,11 @@ class PullWorker:
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
         await self._top_up(force=True)
         self._keeper = asyncio.create_task(self._keep_alive(), name=f"pull {self.name}")
+        _running.add(self)
 
     async def stop(self, grace_s: float) -> None:
         """Stop pulling; give handlers in flight ``grace_s`` seconds to finish."""
+        _running.discard(self)
         if self._sub is not None:
             # Messages already sent to us but not started are redelivered after the ack wait.
             await self._sub.unsubscribe()
@@ -74,6 +86,18 @@ class PullWorker:
             await asyncio.gather(self._keeper, return_exceptions=True)
         if self._running:
             await asyncio.wait(self._running, timeout=grace_s)
+
+    async def bound(self, timeout: float) -> str:
+        """"bound" if connected and JetStream knows the consumer, else what is wrong."""
+        if not self._nc.is_connected:
+            return "NATS disconnected"
+        try:
+            await self._nc.jetstream(timeout=timeout).consumer_info(self._stream, self.durable)
+        except nats.js.errors.NotFoundError:
+            return "consumer missing"
+        except (TimeoutError, nats.errors.Error) as exc:
+            return f"not answered: {exc!r}"
+        return "bound"
 
     async def _keep_alive(self) -> None:
         # Pull requests lost to a reconnect (a server restart forgets them, and the 408s

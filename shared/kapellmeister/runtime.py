@@ -19,6 +19,7 @@ import nats.errors
 from nats.aio.client import Client
 
 from kapellmeister.config import Settings
+from kapellmeister.health import serve_health
 from kapellmeister.logs import setup_logging
 from kapellmeister.messages import utc_text
 from kapellmeister.metrics import setup_metrics, shutdown_metrics
@@ -110,12 +111,17 @@ def run_service(name: str, main: ServiceMain, settings: Settings | None = None) 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        health = None
+        if settings.health_port is not None:
+            health = await serve_health(settings.health_host, settings.health_port)
         service = asyncio.create_task(main(settings, stop))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({service, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
         if not service.done():
             await _bounded(name, service, settings.shutdown_s)
+        if health is not None:
+            health.close()
         if not service.cancelled():
             service.result()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from nats.aio.client import Client
 from kapellmeister.processes import ServiceProcess, wait_for_services
 from kapellmeister.server import EmbeddedServer, find_binary
 from tests import deploy
-from tests.support import call, wait_finished
+from tests.support import call, http_get, wait_finished
 
 pytestmark = pytest.mark.e2e
 
@@ -31,6 +32,13 @@ pytestmark = pytest.mark.e2e
 class Secured(msgspec.Struct):
     url: str
     passwords: dict[str, str]
+    health_ports: dict[str, int]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 @pytest.mark.parametrize("config", deploy.NATS_CONFIGS, ids=lambda p: p.name)
@@ -64,15 +72,25 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
         root / "server", config_file=configs / "nats.conf", env=deploy.server_env(passwords)
     )
     server.start()
+    # As in the image: /livez and /readyz on a port of their own (on loopback here).
+    ports = {name: free_port() for name in deploy.SERVICES}
     processes = [
         ServiceProcess(
-            name, server.url, root / f"{name}.log", env=deploy.service_env(name, passwords)
+            name,
+            server.url,
+            root / f"{name}.log",
+            env=deploy.service_env(
+                name,
+                passwords,
+                KAPELLMEISTER_HEALTH_PORT=str(ports[name]),
+                KAPELLMEISTER_HEALTH_HOST="127.0.0.1",
+            ),
         ).start()
         for name in deploy.SERVICES
     ]
     try:
         asyncio.run(_wait_for(server.url, passwords, processes))
-        yield Secured(url=server.url, passwords=passwords)
+        yield Secured(url=server.url, passwords=passwords, health_ports=ports)
     finally:
         for process in processes:
             process.stop()
@@ -284,3 +302,27 @@ async def test_an_agent_started_before_the_conductor_waits_for_its_streams(tmp_p
             await nc.close()
             for process in processes:
                 process.stop()
+
+
+async def test_each_service_is_ready_with_every_consumer_bound(secured):
+    """What the image's HEALTHCHECK and the Kubernetes readiness probe ask."""
+    expected = {
+        "conductor": {"RESULTS/results_all", "EVENTS/conductor-triggers"},
+        "weather": {"TASKS/tasks_weather_report"},
+        "agenda": {
+            "TASKS/tasks_agenda_activity",
+            "EVENTS/ActivityChosen-Tally",
+            "EVENTS/ApprovalGranted-Notify",
+        },
+        "brewery": {f"TASKS/tasks_brewery_{step}" for step in BREWERY_STEPS},
+    }
+    for name, port in secured.health_ports.items():
+        status, body = await http_get(port, "/readyz")
+        assert (status, body["ready"]) == (200, True), (name, body)
+        assert body["consumers"] == dict.fromkeys(expected[name], "bound"), name
+        assert (await http_get(port, "/livez"))[0] == 200
+
+
+BREWERY_STEPS = (
+    "malt", "hops", "mash", "boil", "dry_hop", "bottle_beer", "harvest", "crush", "ferment_wine"
+)  # fmt: skip
