@@ -71,6 +71,7 @@ def test_each_service_is_its_own_user_with_its_own_inbox(name: str) -> None:
         "dockerfile": "deploy/Dockerfile",
         "args": {"SERVICE": name},
     }
+    assert (deploy.DEPLOY / service["build"]["context"] / "services" / name).is_dir()
     env = service["environment"]
     assert (env["NATS_URL"], env["NATS_USER"]) == ("nats://nats:4222", name)
     assert env["NATS_INBOX_PREFIX"] == f"_INBOX_{name}"
@@ -102,10 +103,11 @@ def test_nats_box_is_the_client_user_ready_for_the_nats_cli() -> None:
 def test_jaeger_takes_otlp_and_shows_its_ui() -> None:
     jaeger = SERVICES["jaeger"]
     assert jaeger["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
-    assert "16686:16686" in jaeger["ports"]
+    assert {"16686:16686", "4318:4318"} <= set(jaeger["ports"])
 
 
 def test_the_image_runs_as_a_user_and_checks_readyz_on_its_health_port() -> None:
+    assert len(re.findall(r"^FROM ", DOCKERFILE, re.M)) == 2  # build stage, then the image
     runtime = DOCKERFILE.split("\nFROM ")[-1]  # the last stage is the image
     assert re.search(r"^USER 10001$", runtime, re.M)
     assert "useradd --uid 10001" in runtime
