@@ -88,7 +88,7 @@ class PullWorker:
             await asyncio.wait(self._running, timeout=grace_s)
 
     async def bound(self, timeout: float) -> str:
-        """ "bound" if connected and JetStream knows the consumer, else what is wrong."""
+        """What /readyz says of this consumer: bound, or what is wrong."""
         if not self._nc.is_connected:
             return "NATS disconnected"
         try:
