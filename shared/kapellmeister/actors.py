@@ -67,6 +67,7 @@ from kapellmeister.definitions import TRIGGER_PATTERN
 from kapellmeister.errors import BadRequest, TaskError
 from kapellmeister.micro import stop_service
 from kapellmeister.runtime import connect, disconnect, run_service
+from kapellmeister.switches import Switches
 from kapellmeister.topology import EVENTS, ensure_buckets, ensure_consumer, ensure_streams
 from kapellmeister.triggers import unwrap
 
@@ -189,8 +190,18 @@ def actor(
 class Actors:
     """Runs a service's actors: one durable consumer and pull loop each."""
 
-    def __init__(self, name: str, specs: Sequence[ActorSpec], settings: Settings) -> None:
-        self.name, self.specs, self.settings = name, list(specs), settings
+    def __init__(
+        self,
+        name: str,
+        specs: Sequence[ActorSpec],
+        settings: Settings,
+        switches: Switches | None = None,
+    ) -> None:
+        self.name, self.settings = name, settings
+        switches = switches or Switches()
+        # <EventType>-<Listener>: switched off by its event, its listener or the pair.
+        self.specs = [s for s in specs if switches.on(*s.name.split("-", 1))]
+        self.switched_off = [s.name for s in specs if s not in self.specs]
         self._js: JetStreamContext | None = None
         self._workers: list[PullWorker] = []
         self._service: Service | None = None
@@ -224,7 +235,9 @@ class Actors:
         self._service = await add_service(
             nc, name=self.name, version="0.1.0", description="kapellmeister actors"
         )
-        log.info("%s: actors %s", self.name, ", ".join(s.name for s in self.specs))
+        log.info("%s: actors %s", self.name, ", ".join(s.name for s in self.specs) or "none")
+        if self.switched_off:
+            log.info("%s: switched off: %s", self.name, ", ".join(self.switched_off))
 
     async def stop(self) -> None:
         await asyncio.gather(*(w.stop(self.settings.ack_wait_s) for w in self._workers))
@@ -312,7 +325,7 @@ def run_actors(name: str, specs: Sequence[ActorSpec]) -> None:
 
     async def main(settings: Settings, stop: asyncio.Event) -> None:
         nc = await connect(settings, name)
-        actors = Actors(name, specs, settings)
+        actors = Actors(name, specs, settings, Switches.from_env())
         await actors.start(nc)
         await stop.wait()
         await actors.stop()

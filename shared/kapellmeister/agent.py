@@ -58,6 +58,7 @@ from kapellmeister.messages import Failure, Json, TaskRequest, TaskResult
 from kapellmeister.metrics import metrics
 from kapellmeister.micro import add_endpoint, error_detail, stop_service
 from kapellmeister.runtime import connect, disconnect, run_service, utc_now
+from kapellmeister.switches import Switches
 from kapellmeister.topology import (
     TASKS,
     consumer_name,
@@ -459,7 +460,9 @@ def run_agent(
         nc = await connect(settings, name)
         agent = Agent(name, tasks, settings, version=version, description=description)
         await agent.start(nc)
-        reactors = Actors(f"{name}-actors", actors, settings) if actors else None
+        reactors = (
+            Actors(f"{name}-actors", actors, settings, Switches.from_env()) if actors else None
+        )
         if reactors is not None:
             await reactors.start(nc)
         await stop.wait()

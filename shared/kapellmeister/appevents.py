@@ -33,20 +33,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import msgspec
-import yaml
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from kapellmeister.actors import Actors, actor
 from kapellmeister.config import Settings
+from kapellmeister.switches import Switches
 
 __all__ = ["AppEvents", "DuplicateListener", "Listener", "Switches"]
 
@@ -58,39 +56,6 @@ _encode = msgspec.json.Encoder().encode
 
 class DuplicateListener(ValueError):
     """The same listener registered twice for one event."""
-
-
-class Switches(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """What is turned off: events, listeners (by name), and ``event:listener`` pairs."""
-
-    events: dict[str, bool] = {}
-    listeners: dict[str, bool] = {}
-    pairs: dict[str, bool] = {}
-
-    def on(self, event: str, listener: str | None = None) -> bool:
-        if not self.events.get(event, True):
-            return False
-        if listener is None:
-            return True
-        return self.listeners.get(listener, True) and self.pairs.get(f"{event}:{listener}", True)
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Switches:
-        """Switches from ``KAPELLMEISTER_EVENTS_CONFIG`` (a file) and the ``…_OFF`` lists."""
-        env = os.environ if environ is None else environ
-        found: dict[str, dict[str, bool]] = {"events": {}, "listeners": {}, "pairs": {}}
-        config = env.get("KAPELLMEISTER_EVENTS_CONFIG")
-        if config:
-            loaded = msgspec.convert(yaml.safe_load(Path(config).read_text()) or {}, cls)
-            found = {k: dict(getattr(loaded, k)) for k in found}
-        for variable, kind in (
-            ("KAPELLMEISTER_EVENTS_OFF", "events"),
-            ("KAPELLMEISTER_LISTENERS_OFF", "listeners"),
-            ("KAPELLMEISTER_EVENT_LISTENERS_OFF", "pairs"),
-        ):
-            for name in filter(None, (n.strip() for n in env.get(variable, "").split(","))):
-                found[kind][name] = False
-        return cls(**found)
 
 
 class _Registered(msgspec.Struct, frozen=True):

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from kapellmeister.actors import Actors, Emit, actor
 from kapellmeister.errors import TaskError
 from kapellmeister.gather import GATHERS, Counter, Gather
+from kapellmeister.switches import Switches
 from kapellmeister.topology import ensure_buckets, ensure_streams
 from tests.actor_chain import CHAIN
 from tests.support import dead_letters, stream_messages
@@ -143,3 +144,32 @@ async def test_any_text_names_a_group_or_a_counter(gathers):
     assert [await counter.add("ann b", "e1"), await counter.add("ann_b", "e1")] == [1, 1]
     assert await counter.add("ann b", "e2") == 2
     assert await counter.add("ann b", "e1") == 1  # a redelivery gets its first count back
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [
+        Switches(listeners={"Increment": False}),
+        Switches(events={"Doubled": False}),
+        Switches(pairs={"Doubled:Increment": False}),
+    ],
+    ids=["listener", "event", "pair"],
+)
+async def test_a_switched_off_actor_does_not_run_and_the_others_do(nc, js, settings, switches):
+    actors = Actors("chain", CHAIN, settings, switches)
+    assert actors.switched_off == ["Doubled-Increment"]
+    await actors.start(nc)
+    try:
+        await js.publish("events.chain.started", b'{"n": 5}', headers={"Nats-Msg-Id": "s-1"})
+
+        async def doubled() -> bool:
+            return bool(await subjects(js, "events.chain.doubled"))
+
+        await until(doubled)
+        await asyncio.sleep(0.5)  # time enough for the chain to go on, were it on
+        assert await subjects(js, "events.chain.doubled") == [{"n": 10}]
+        assert await subjects(js, "events.chain.incremented") == []
+        consumers = {c.name for c in await js.consumers_info("EVENTS")}
+        assert "Started-Double" in consumers and "Doubled-Increment" not in consumers
+    finally:
+        await actors.stop()
