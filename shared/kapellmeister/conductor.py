@@ -93,6 +93,7 @@ from kapellmeister.store import CasConflict, SagaStore, Versioned
 from kapellmeister.topology import (
     DEADLETTERS,
     EVENTS,
+    PURGE_MARKER_TTL_S,
     RESULTS,
     TASKS,
     ensure_buckets,
@@ -763,7 +764,8 @@ class Conductor:
         now = await self.clock.sync()
         # Leave alone what was written in the last few seconds: its writer is most likely
         # publishing right now, and a republish would only be a duplicate to drop.
-        recent = await self._to_sweep(utc_shift(now, -self.settings.sweep_grace_s))
+        recent, expired = await self._to_sweep(utc_shift(now, -self.settings.sweep_grace_s), now)
+        await self._expire(expired)
         count = 0
         recovery = Recovery(self.js)  # one scan per subject for the whole sweep
         self._redriven = {k: v for k, v in self._redriven.items() if recent.get(k) == v.updated_at}
@@ -797,21 +799,64 @@ class Conductor:
         await self._count_deadletters()  # a figure for a gauge, after the work that matters
         return count
 
-    async def _to_sweep(self, newest: str) -> dict[str, str]:
+    async def _to_sweep(self, newest: str, now: str) -> tuple[dict[str, str], list[str]]:
         """The workflows to look at (``updated_at`` by id): running or `unpublished`, and
-        not written after ``newest``. Counts the running ones by name for the gauge."""
+        not written after ``newest``; and the finished ones past their retention. Counts
+        the running ones by name for the gauge."""
         found: dict[str, str] = {}
+        expired: list[str] = []
         running: collections.Counter[str] = collections.Counter()
         async for head in self.store.scan(_SweepHead):
             if head.status not in TERMINAL:
                 running[head.workflow] += 1
             if head.updated_at <= newest and (head.status not in TERMINAL or head.unpublished):
                 found[head.workflow_id] = head.updated_at
+            elif head.status in TERMINAL and self._past_retention(head, now):
+                expired.append(head.workflow_id)
         gauges = metrics()
         # Every name seen, and every one served, reports (0 is a value, absence is not).
         names = {*gauges.running, *running, *self.registry.names()}
         gauges.running = {name: running[name] for name in names}
-        return found
+        return found, expired
+
+    def _past_retention(self, head: _SweepHead, now: str) -> bool:
+        """Whether a finished workflow's retention (its definition's ``retention_s``,
+        else the setting) has run out since it was last written."""
+        try:
+            retention = self.registry.get(head.workflow, head.version).spec.retention_s
+        except KapellmeisterError:  # a definition this conductor does not know
+            retention = None
+        retention = retention or self.settings.retention_s
+        return retention is not None and head.updated_at <= utc_shift(now, -retention)
+
+    async def _expire(self, workflow_ids: list[str]) -> None:
+        """Remove finished workflows past their retention from KV: a purge (every
+        revision) that only happens if the saga is still the one the sweep saw finished
+        (a retry may just have made it run again), leaving a marker that goes in a day."""
+        kv = self.store.kv
+        for workflow_id in workflow_ids:
+            try:
+                entry = await kv.get(workflow_id)
+                head = _decode_head(entry.value or b"{}")
+                if head.status not in TERMINAL or head.unpublished:
+                    continue
+                await self.js.publish(
+                    f"$KV.workflows.{workflow_id}",
+                    headers={
+                        "KV-Operation": "PURGE",
+                        "Nats-Rollup": "sub",
+                        "Nats-Expected-Last-Subject-Sequence": str(entry.revision),
+                    },
+                    msg_ttl=PURGE_MARKER_TTL_S,
+                )
+            except KeyNotFoundError:
+                continue
+            except (TimeoutError, nats.errors.Error) as exc:  # changed under us, or NATS away
+                log.info("%s not expired this sweep: %r", workflow_id, exc)
+                continue
+            self.store.forget(workflow_id)
+            metrics().expired.add(1, {"workflow.name": head.workflow})
+            log.info("%s expired: finished, past its retention", workflow_id)
 
     async def _count_deadletters(self) -> None:
         gauges = metrics()
@@ -905,7 +950,11 @@ class _SweepHead(msgspec.Struct, frozen=True):
     status: str
     updated_at: str
     workflow: str = ""
+    version: int = 1
     unpublished: str = ""
+
+
+_decode_head = msgspec.json.Decoder(_SweepHead).decode
 
 
 def _fact(result: TaskResult, at: str, task: str = "") -> Fact:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import ssl
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -50,6 +50,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # After SIGTERM, how long a service may take to finish what runs and drain before it
     # exits anyway (unfinished work is redelivered); under docker stop's 10 s.
     shutdown_s: float = 8.0
+    # How long a finished workflow is kept (seconds) when its definition says nothing
+    # (`retention_s`); None: kept until someone removes it.
+    retention_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
     # Extra directories of definition files the conductor loads (os.pathsep-separated).
     definitions: str = ""
     # The directory the demo keeps its embedded server's JetStream data in.

@@ -261,6 +261,9 @@ class WorkflowDef(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     triggers: list[Trigger] = []
     # Per tenant (the `Tenant` header of a start), tasks switched off.
     tenants: dict[str, TenantConfig] = {}
+    # How long a finished workflow is kept after it ends; then the sweeper removes its
+    # saga from KV. None: KAPELLMEISTER_RETENTION_S, and without that, kept.
+    retention_s: PositiveSeconds | None = None
 
 
 # Conductor's names for our fields. `name` is Conductor's task-definition name only when

@@ -6,6 +6,7 @@ instrument                             kind       attributes
 ``kapellmeister.workflows.started``    counter    ``workflow.name``
 ``kapellmeister.workflows.ended``      counter    ``workflow.name``, ``workflow.status``
 ``kapellmeister.workflows.running``    gauge      ``workflow.name`` (each sweep counts)
+``kapellmeister.workflows.expired``    counter    ``workflow.name``: removed, past retention
 ``kapellmeister.task.duration``        histogram  ``task.name``, ``task.status`` (s: the
                                                   attempt that ended the task, from its
                                                   dispatch to its result, server clock)
@@ -117,6 +118,11 @@ class Metrics:
         )
         self.ended = meter.create_counter(
             "kapellmeister.workflows.ended", "{workflow}", "Workflows that ended, by status"
+        )
+        self.expired = meter.create_counter(
+            "kapellmeister.workflows.expired",
+            "{workflow}",
+            "Finished workflows removed from KV, past their retention",
         )
         self.task_duration = meter.create_histogram(
             "kapellmeister.task.duration", "s", "Task attempts, from dispatch to result"

@@ -26,6 +26,7 @@ shows the last steps), ``definitions``, ``tasks`` (the agent registry), ``leases
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -85,6 +86,11 @@ BUCKETS: Final = {
 # A lease outlives its attempt by at most a day (a crashed agent never deletes it); a
 # scatter-gather group is kept a week.
 _TTL_S: Final = {"leases": DAY_S, "gathers": 7 * DAY_S}
+# Buckets whose messages may carry their own TTL: the marker a retention purge leaves
+# in `workflows` goes by itself (nats-server 2.11+).
+_MESSAGE_TTL: Final = frozenset({"workflows"})
+# How long that marker stays: `nats kv get` says "deleted" rather than "not found".
+PURGE_MARKER_TTL_S: Final = DAY_S
 
 
 def _streams(replicas: int) -> list[StreamConfig]:
@@ -172,6 +178,8 @@ async def ensure_buckets(js: JetStreamContext, replicas: int = 1) -> dict[str, K
     for name, history in BUCKETS.items():
         try:
             buckets[name] = await js.key_value(name)
+            if name in _MESSAGE_TTL:
+                await _allow_message_ttl(js, f"KV_{name}")
             continue
         except BucketNotFoundError:
             pass
@@ -186,6 +194,8 @@ async def ensure_buckets(js: JetStreamContext, replicas: int = 1) -> dict[str, K
                     direct=True,
                     ttl=_TTL_S.get(name),
                     description=f"kapellmeister {name}",
+                    # nats-py's way to create the stream with allow_msg_ttl.
+                    limit_marker_ttl=PURGE_MARKER_TTL_S if name in _MESSAGE_TTL else None,
                 )
             )
         except _REFUSED as exc:
@@ -193,6 +203,17 @@ async def ensure_buckets(js: JetStreamContext, replicas: int = 1) -> dict[str, K
                 f"bucket {name}", functools.partial(js.key_value, name), exc
             )
     return buckets
+
+
+async def _allow_message_ttl(js: JetStreamContext, stream: str) -> None:
+    """Turn on per-message TTLs on a bucket created before they were used."""
+    config = (await js.stream_info(stream)).config
+    if config.allow_msg_ttl:
+        return
+    try:
+        await js.update_stream(dataclasses.replace(config, allow_msg_ttl=True))
+    except _REFUSED as exc:
+        log.warning("%s: cannot allow message TTLs (%r); purge markers stay", stream, exc)
 
 
 # What a create or update this user may not make ends in: a permissions violation is
