@@ -57,6 +57,7 @@ from kapellmeister.lease import LEASES, Lease, lease_key
 from kapellmeister.messages import Failure, Json, TaskRequest, TaskResult
 from kapellmeister.metrics import metrics
 from kapellmeister.micro import add_endpoint, error_detail, stop_service
+from kapellmeister.publisher import Publisher
 from kapellmeister.runtime import connect, disconnect, run_service, utc_now
 from kapellmeister.switches import Switches
 from kapellmeister.topology import (
@@ -185,11 +186,14 @@ class Agent:
         self._service: Service | None = None
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        self._publisher: Publisher | None = None
         self._leases: KeyValue | None = None
 
     async def start(self, nc: Client) -> None:
         """Create what is missing, register the tasks, start consuming and serving."""
         self._nc, self._js = nc, nc.jetstream()
+        self._publisher = Publisher(nc)
+        await self._publisher.start()
         settings = self.settings
         await ensure_streams(self._js, settings.replicas)
         buckets = await ensure_buckets(self._js, settings.replicas)
@@ -233,6 +237,8 @@ class Agent:
             self._heartbeats.cancel()
         if self._service is not None:
             await stop_service(self._service)
+        if self._publisher is not None:
+            await self._publisher.stop()
 
     @property
     def worker_id(self) -> str:
@@ -431,7 +437,8 @@ class Agent:
                 "results.{workflow_id}.{task}", subject, trace, attributes
             ) as sent:
                 headers = {**sent, "Nats-Msg-Id": f"{msg_id}:result"}
-                await self._js.publish(subject, _encode(result), headers=headers)
+                assert self._publisher is not None
+                await self._publisher.publish(subject, _encode(result), headers)
         except (TimeoutError, nats.errors.Error) as exc:
             # Not stored, so not acked: the task comes back and its result is published then.
             log.warning("result of %s not published (%s); will be redelivered", msg_id, exc)

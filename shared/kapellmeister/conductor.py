@@ -86,6 +86,7 @@ from kapellmeister.messages import (
 )
 from kapellmeister.metrics import metrics
 from kapellmeister.micro import stop_service
+from kapellmeister.publisher import Publisher
 from kapellmeister.recovery import Recovery, is_old
 from kapellmeister.registry import DefinitionStore, Registry
 from kapellmeister.runtime import within
@@ -121,6 +122,7 @@ class Conductor:
         self._clock: ServerClock | None = None
         self._js: JetStreamContext | None = None
         self._store: SagaStore | None = None
+        self._publisher: Publisher | None = None
         self._definitions: DefinitionStore | None = None
         self._service: Service | None = None
         self._worker: PullWorker | None = None
@@ -167,6 +169,11 @@ class Conductor:
         return self._definitions
 
     @property
+    def publisher(self) -> Publisher:
+        assert self._publisher is not None, "start() first"
+        return self._publisher
+
+    @property
     def store(self) -> SagaStore:
         assert self._store is not None, "start() first"
         return self._store
@@ -175,11 +182,13 @@ class Conductor:
         """Create what is missing, then serve requests, consume results and sweep."""
         settings = self.settings
         self._nc, self._js = nc, nc.jetstream()
+        self._publisher = Publisher(nc)
+        await self._publisher.start()
         self._clock = ServerClock(nc)
         await ensure_streams(self._js, settings.replicas)
         await self._clock.sync()
         buckets = await ensure_buckets(self._js, settings.replicas)
-        self._store = SagaStore(buckets["workflows"])
+        self._store = SagaStore(buckets["workflows"], self._publisher)
         self._leases = buckets[LEASES]
         self._tenants = buckets["tenants"]
         self._definitions = DefinitionStore(buckets["definitions"], buckets["tasks"], self.registry)
@@ -241,6 +250,8 @@ class Conductor:
             await stop_service(self._service)
         if self._definitions is not None:
             await _bounded("definitions watch", self._definitions.stop(), 5.0)
+        if self._publisher is not None:
+            await _bounded("publisher", self._publisher.stop(), 5.0)
 
     # --- the five steps -------------------------------------------------------------------
 
@@ -327,9 +338,9 @@ class Conductor:
                     input=msgspec.Raw(_encode(command.input)),
                     response_timeout_s=command.response_timeout_s,
                 )
-                await self.js.publish(f"tasks.{command.task}", _encode(request), headers=headers)
+                await self.publisher.publish(f"tasks.{command.task}", _encode(request), headers)
             case PublishEvent():
-                await self.js.publish(command.subject, _encode(command.data), headers=headers)
+                await self.publisher.publish(command.subject, _encode(command.data), headers)
             case ScheduleTimer():
                 # JetStream fires the timer on its own clock: a completed result for the
                 # DELAY lands on results.<workflow_id> at fire_at, even if no conductor runs.
@@ -347,7 +358,7 @@ class Conductor:
                 headers["Nats-Schedule-Target"] = f"results.{command.workflow_id}"
                 where = f"{command.workflow_id}.{command.ref}.{command.attempt}"
                 subject = f"timers.{where}.{command.purpose}"
-                await self.js.publish(subject, _encode(fired), headers=headers)
+                await self.publisher.publish(subject, _encode(fired), headers)
             case StartWorkflow():
                 await self._start_child(command, trace)
             case NotifyParent(parent=parent):
@@ -380,9 +391,7 @@ class Conductor:
 
     async def _publish_result(self, result: TaskResult, headers: Mapping[str, str]) -> None:
         """A result the conductor states itself (a child's end, a refusal, a poison task)."""
-        await self.js.publish(
-            f"results.{result.workflow_id}", _encode(result), headers=dict(headers)
-        )
+        await self.publisher.publish(f"results.{result.workflow_id}", _encode(result), headers)
 
     async def start_workflow(
         self, fact: Started, caller: Mapping[str, str] | None = None, started_ns: int = 0

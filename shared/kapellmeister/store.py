@@ -18,10 +18,11 @@ from typing import TypeVar
 
 import msgspec
 import nats.errors
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from kapellmeister.messages import TERMINAL, Saga
+from kapellmeister.publisher import Publisher
 
 __all__ = ["CasConflict", "SagaStore", "Versioned", "read_bucket"]
 
@@ -76,8 +77,10 @@ class CasConflict(Exception):
 class SagaStore:
     """The ``workflows`` bucket, with a small cache of what this process last saw."""
 
-    def __init__(self, kv: KeyValue, cache_size: int = 20_000) -> None:
+    def __init__(self, kv: KeyValue, publisher: Publisher, cache_size: int = 20_000) -> None:
         self.kv = kv
+        self._publisher = publisher
+        self._subject = f"$KV.{kv._name}."
         self._cache: OrderedDict[str, Versioned] = OrderedDict()
         self._cache_size = cache_size
 
@@ -112,11 +115,19 @@ class SagaStore:
             CasConflict: someone else wrote first; the cache entry is dropped.
         """
         key = state.workflow_id
+        value = _encode(state)
         try:
-            if revision == 0:
-                new_revision = await self.kv.create(key, _encode(state))
-            else:
-                new_revision = await self.kv.update(key, _encode(state), last=revision)
+            try:
+                new_revision = await self._write(key, value, revision)
+            except KeyWrongLastSequenceError:
+                if revision != 0:
+                    raise
+                # A create over a key deleted or purged (past its retention): the marker
+                # is its last revision; anything else means the workflow exists.
+                marker = await self._deleted_at(key)
+                if marker is None:
+                    raise
+                new_revision = await self._write(key, value, marker)
         except KeyWrongLastSequenceError as exc:
             self.forget(key)
             raise CasConflict(key) from exc
@@ -126,6 +137,20 @@ class SagaStore:
         else:
             self._remember(key, Versioned(state, new_revision))
         return new_revision
+
+    async def _deleted_at(self, key: str) -> int | None:
+        """The revision of the delete or purge marker that is the key's last, if it is."""
+        try:
+            last = await self.kv._js.get_last_msg(self.kv._stream, self._subject + key)
+        except NotFoundError:
+            return None
+        operation = (last.headers or {}).get("KV-Operation")
+        return last.seq if operation in ("DEL", "PURGE") and last.seq else None
+
+    async def _write(self, key: str, value: bytes, revision: int) -> int:
+        """Put ``value`` if the key's last revision is ``revision`` (0: none yet)."""
+        expected = {"Nats-Expected-Last-Subject-Sequence": str(revision)}
+        return (await self._publisher.publish(self._subject + key, value, expected)).seq
 
     async def scan(self, as_type: type[T]) -> AsyncIterator[T]:
         """Every stored saga, latest revision each, decoded as ``as_type``.
