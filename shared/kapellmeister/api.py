@@ -224,6 +224,9 @@ class _Api:
 
     async def register(self, request: Request) -> bytes:
         definition = await self.conductor.definitions.register(request.data or b"")
+        # Its triggers listen from the reply on: an event published right after it starts
+        # the workflow.
+        await self.conductor.sync_triggers()
         return _encode(Registered(name=definition.name, version=definition.version))
 
     async def definition(self, request: Request) -> bytes:

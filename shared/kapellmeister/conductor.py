@@ -127,6 +127,8 @@ class Conductor:
         self._service: Service | None = None
         self._worker: PullWorker | None = None
         self._events: PullWorker | None = None
+        self._trigger_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._poison: Subscription | None = None
         self._leases: KeyValue | None = None
@@ -200,25 +202,11 @@ class Conductor:
             "conductor", nc, RESULTS, durable, self._on_result, settings.concurrency
         )
         await self._worker.start()
-        # Events that start workflows (definitions' triggers): one consumer for all replicas.
-        events = await ensure_consumer(
-            self._js,
-            EVENTS,
-            "events.>",
-            ack_wait_s=settings.ack_wait_s,
-            max_deliver=settings.max_deliver,
-            durable=triggers.DURABLE,
-            new_only=True,
-        )
-        self._events = PullWorker(
-            "triggers",
-            nc,
-            EVENTS,
-            events,
-            functools.partial(triggers.on_event, self),
-            settings.concurrency,
-        )
-        await self._events.start()
+        # Events that start workflows (definitions' triggers): one consumer for all
+        # replicas, on the subjects some trigger listens to, kept in step as
+        # definitions are registered.
+        await self.sync_triggers()
+        self._definitions.on_change = self._triggers_changed
         self._service = await serve_api(self, nc)
         # JetStream says when a task message ran out of deliveries (its agent kept dying
         # on it); one replica (a queue group) fails the task instead of letting it hang.
@@ -242,6 +230,8 @@ class Conductor:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await _bounded("sweeper", asyncio.gather(self._sweeper, return_exceptions=True), 5.0)
+        for task in list(self._background):
+            task.cancel()
         if self._events is not None:
             await _bounded("trigger consumer", self._events.stop(grace), grace + 5.0)
         if self._worker is not None:
@@ -252,6 +242,57 @@ class Conductor:
             await _bounded("definitions watch", self._definitions.stop(), 5.0)
         if self._publisher is not None:
             await _bounded("publisher", self._publisher.stop(), 5.0)
+
+    def _triggers_changed(self) -> None:
+        """A definition was added (here or by another replica): follow its triggers."""
+        task = asyncio.create_task(self.sync_triggers(), name="sync triggers")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def sync_triggers(self) -> None:
+        """Consume the events some trigger may start a workflow from, and no others.
+
+        The consumer's filters only grow: a replica that has not seen a new definition
+        yet never narrows what another one just widened (which would skip the events in
+        between). Without any trigger there is no consumer: plan_day's own events are
+        not delivered to the conductor just to be found useless.
+        """
+        async with self._trigger_lock:
+            latest = [self.registry.get(name) for name in self.registry.names()]
+            wanted = {trigger.subject for d in latest for trigger, _ in d.triggers}
+            try:
+                info = await self.js.consumer_info(EVENTS, triggers.DURABLE)
+                config = info.config
+                current = set(
+                    config.filter_subjects or [config.filter_subject or triggers.ALL_EVENTS]
+                )
+            except nats.js.errors.NotFoundError:
+                current = set()
+            subjects = triggers.filter_subjects(wanted | current)
+            if not subjects:
+                return
+            if set(subjects) != current:
+                await ensure_consumer(
+                    self.js,
+                    EVENTS,
+                    subjects,
+                    ack_wait_s=self.settings.ack_wait_s,
+                    max_deliver=self.settings.max_deliver,
+                    durable=triggers.DURABLE,
+                    new_only=True,
+                )
+                log.info("trigger consumer on %s", ", ".join(subjects))
+            if self._events is None:
+                assert self._nc is not None, "start() first"
+                self._events = PullWorker(
+                    "triggers",
+                    self._nc,
+                    EVENTS,
+                    triggers.DURABLE,
+                    functools.partial(triggers.on_event, self),
+                    self.settings.concurrency,
+                )
+                await self._events.start()
 
     # --- the five steps -------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgspec
@@ -113,6 +113,8 @@ class DefinitionStore:
         self.registry = registry
         self._watch: asyncio.Task[None] | None = None
         self._loaded: set[str] = set()
+        # Called after a definition is added to the registry (registered or followed).
+        self.on_change: Callable[[], None] | None = None
 
     async def start(self, shipped: Iterable[Definition] = ()) -> None:
         """Store the shipped definitions that are not stored yet, load all, then follow."""
@@ -161,7 +163,13 @@ class DefinitionStore:
             self.registry.add(compile_definition(parse_definition(value)))
         except InvalidDefinition as exc:  # stored by a newer conductor, say
             log.warning("definition %s is not loadable here: %s", key, exc.message)
+        else:
+            self._changed()
         self._loaded.add(key)
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     async def get(self, name: str, version: int | None = None) -> Definition:
         """Like `Registry.get`, reading the bucket again before a 404."""
@@ -219,6 +227,7 @@ class DefinitionStore:
                 ) from None
         self.registry.add(definition)
         self._loaded.add(key)
+        self._changed()
         return definition
 
     def _sub_workflows(self, definition: Definition) -> SubWorkflows:

@@ -243,7 +243,7 @@ def consumer_name(subject: str) -> str:
 async def ensure_consumer(
     js: JetStreamContext,
     stream: str,
-    subject: str,
+    subject: str | list[str],
     *,
     ack_wait_s: float,
     max_deliver: int,
@@ -254,16 +254,22 @@ async def ensure_consumer(
 ) -> str:
     """Create or update the durable pull consumer for ``subject``; returns its name.
 
-    ``durable`` names it (default: from the subject); ``new_only``: created, it delivers
-    what is stored from then on, not the stream's history (a listener on EVENTS)."""
-    durable = durable or consumer_name(subject)
+    ``subject`` may be a list (several non-overlapping filters; then ``durable`` is
+    needed). ``durable`` names it (default: from the subject); ``new_only``: created, it
+    delivers what is stored from then on, not the stream's history (a listener on
+    EVENTS)."""
+    subjects = [subject] if isinstance(subject, str) else subject
+    if not durable:
+        assert len(subjects) == 1, "several filters need a durable name"
+        durable = consumer_name(subjects[0])
     config = ConsumerConfig(
         # The name as well: the create request's subject then carries the name and the
         # filter ($JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>), which NATS
         # permissions can restrict (an agent creates consumers on its own tasks only).
         name=durable,
         durable_name=durable,
-        filter_subject=subject,
+        filter_subject=subjects[0] if len(subjects) == 1 else None,
+        filter_subjects=subjects if len(subjects) > 1 else None,
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.NEW if new_only else DeliverPolicy.ALL,
         ack_wait=ack_wait_s,

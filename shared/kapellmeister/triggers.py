@@ -21,8 +21,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 import nats.errors
@@ -39,7 +39,16 @@ from kapellmeister.topology import EVENTS
 if TYPE_CHECKING:
     from kapellmeister.conductor import Conductor
 
-__all__ = ["DURABLE", "Event", "on_event", "triggered", "unwrap", "workflow_id_for"]
+__all__ = [
+    "ALL_EVENTS",
+    "DURABLE",
+    "Event",
+    "filter_subjects",
+    "on_event",
+    "triggered",
+    "unwrap",
+    "workflow_id_for",
+]
 
 log = logging.getLogger("kapellmeister.triggers")
 
@@ -89,6 +98,51 @@ def workflow_id_for(definition: str, event_id: str) -> str:
     ):
         return candidate
     return f"{definition}=={hashlib.sha256(event_id.encode()).hexdigest()[:40]}"
+
+
+ALL_EVENTS: Final = "events.>"
+
+
+def filter_subjects(patterns: Iterable[str]) -> list[str]:
+    """The consumer filters that take exactly the events ``patterns`` match.
+
+    JetStream refuses overlapping filters: a pattern another one covers is dropped, and
+    two that overlap without either covering the other (``events.*.joined`` and
+    ``events.user.*``) fall back to ``events.>``.
+    """
+    unique = set(patterns)
+    kept = sorted(p for p in unique if not any(o != p and _covers(o, p) for o in unique))
+    if any(_overlap(a, b) for i, a in enumerate(kept) for b in kept[i + 1 :]):
+        return [ALL_EVENTS]
+    return kept
+
+
+def _covers(wider: str, narrower: str) -> bool:
+    """Whether every subject ``narrower`` matches, ``wider`` matches too."""
+    wide, narrow = wider.split("."), narrower.split(".")
+    for i, token in enumerate(wide):
+        if token == ">":
+            return len(narrow) > i
+        if i >= len(narrow) or narrow[i] == ">":
+            return False
+        if token != "*" and (narrow[i] == "*" or token != narrow[i]):
+            return False
+    return len(narrow) == len(wide)
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether some subject matches both patterns."""
+    left, right = a.split("."), b.split(".")
+    for i in range(max(len(left), len(right))):
+        x = left[i] if i < len(left) else None
+        y = right[i] if i < len(right) else None
+        if x == ">" or y == ">":
+            return x is not None and y is not None
+        if x is None or y is None:
+            return False
+        if x != "*" and y != "*" and x != y:
+            return False
+    return True
 
 
 def triggered(definitions: list[Definition], subject: str) -> Iterator[tuple[Definition, Compiled]]:

@@ -307,7 +307,7 @@ async def test_an_agent_started_before_the_conductor_waits_for_its_streams(tmp_p
 async def test_each_service_is_ready_with_every_consumer_bound(secured):
     """What the image's HEALTHCHECK and the Kubernetes readiness probe ask."""
     expected = {
-        "conductor": {"RESULTS/results_all", "EVENTS/conductor-triggers"},
+        "conductor": {"RESULTS/results_all"},  # no trigger in the shipped definitions
         "weather": {"TASKS/tasks_weather_report"},
         "agenda": {
             "TASKS/tasks_agenda_activity",

@@ -11,12 +11,21 @@ import hashlib
 
 import msgspec
 import nats.errors
+import nats.js.errors
 import pytest
 
 from kapellmeister.conductor import Conductor
 from kapellmeister.registry import Registry
 from services.conductor.__main__ import registry
-from tests.support import body, call, dead_letters, find_saga, stored_keys, wait_finished
+from tests.support import (
+    body,
+    call,
+    dead_letters,
+    find_saga,
+    stored_keys,
+    stream_messages,
+    wait_finished,
+)
 
 GREETING = {
     "name": "greeting",
@@ -40,11 +49,16 @@ async def conductor(nc, settings):
 
 
 async def settle(js) -> None:
-    """Until the conductors' trigger consumer has acked every event stored so far.
+    """Until the conductors' trigger consumer has acked every event it takes.
 
-    Its ack floor, not its pending counts: the server tells a consumer of a new message
+    It takes only the events some trigger matches (its filters); its ack floor, not its
+    pending counts, says it is done: the server tells a consumer of a new message
     asynchronously, so just after a publish both counts can still read 0."""
-    last = (await js.stream_info("EVENTS")).state.last_seq
+    config = (await js.consumer_info("EVENTS", "conductor-triggers")).config
+    last = 0
+    for subject in config.filter_subjects or [config.filter_subject]:
+        for msg in await stream_messages(js, "EVENTS", subject):
+            last = max(last, msg.seq or 0)
     for _ in range(400):
         info = await js.consumer_info("EVENTS", "conductor-triggers")
         if info.ack_floor is not None and (info.ack_floor.stream_seq or 0) >= last:
@@ -102,6 +116,9 @@ async def test_events_nothing_listens_for_start_nothing(nc, js, conductor):
     await js.publish("events.user.joined", b'{"user": "ann"}', headers={"Nats-Msg-Id": "l-2"})
     await settle(js)
     assert await stored_keys(js, "workflows", "greeting=") == []
+    # Not even delivered to a conductor: its consumer takes what some trigger matches.
+    info = await js.consumer_info("EVENTS", "conductor-triggers")
+    assert (info.config.filter_subject, info.delivered.stream_seq) == ("events.user.*.joined", 0)
 
 
 async def test_an_event_a_trigger_cannot_use_is_a_dead_letter(nc, js, conductor):
@@ -169,3 +186,27 @@ async def test_an_event_no_start_can_take_is_a_dead_letter_not_lost(nc, js, sett
     assert letter["reason"] == "not started after 3 deliveries: greeting"
     assert base64.b64decode(letter["data_base64"]) == b'{"user": "fy"}'
     assert await stored_keys(js, "workflows", "greeting=") == []
+
+
+async def test_without_triggers_there_is_no_consumer_and_filters_only_widen(nc, js, settings):
+    """plan_day's events are not delivered to a conductor that has nothing to start."""
+    first = Conductor(settings, Registry(registry().all()))  # the shipped: no triggers
+    await first.start(nc)
+    stale = Conductor(settings, Registry(registry().all()))  # a replica behind the others
+    await stale.start(nc)
+    try:
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await js.consumer_info("EVENTS", "conductor-triggers")
+        await call(nc, "conductor.definitions.register", GREETING)
+        left = {**GREETING, "name": "farewell"}
+        left["triggers"] = [{"subject": "events.user.*.left", "input": {"user": "${event.user}"}}]
+        await call(nc, "conductor.definitions.register", left)
+        info = await js.consumer_info("EVENTS", "conductor-triggers")
+        assert info.config.filter_subjects == ["events.user.*.joined", "events.user.*.left"]
+        stale.registry = Registry(registry().all())  # it has seen neither, as if lagging
+        await stale.sync_triggers()
+        info = await js.consumer_info("EVENTS", "conductor-triggers")
+        assert info.config.filter_subjects == ["events.user.*.joined", "events.user.*.left"]
+    finally:
+        await stale.stop()
+        await first.stop()

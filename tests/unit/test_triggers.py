@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kapellmeister.definitions import compile_definition, parse_definition, subject_matches
 from kapellmeister.errors import InvalidDefinition
-from kapellmeister.triggers import triggered, unwrap, workflow_id_for
+from kapellmeister.triggers import filter_subjects, triggered, unwrap, workflow_id_for
 
 
 @pytest.mark.parametrize(
@@ -89,3 +91,36 @@ def test_a_trigger_may_name_only_the_event_and_only_events_subjects():
         definition([{"subject": "tasks.a", "input": {}}])
     with pytest.raises(InvalidDefinition):
         definition([{"subject": "events.>.a", "input": {}}])
+
+
+TOKENS = st.sampled_from(["a", "b", "*"])
+
+
+@st.composite
+def patterns(draw: st.DrawFn) -> str:
+    tokens = draw(st.lists(TOKENS, min_size=1, max_size=3))
+    if draw(st.booleans()):
+        tokens.append(">")
+    return ".".join(["events", *tokens])
+
+
+@given(
+    st.lists(patterns(), max_size=5),
+    st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=4),
+)
+def test_filters_take_every_event_a_trigger_matches_and_never_overlap(found, tokens):
+    filters = filter_subjects(found)
+    subject = ".".join(["events", *tokens])
+    if any(subject_matches(p, subject) for p in found):
+        assert any(subject_matches(f, subject) for f in filters)
+    # JetStream refuses overlapping filters: no subject matches two of them.
+    assert sum(subject_matches(f, subject) for f in filters) <= 1
+    assert (filters == []) == (found == [])
+
+
+def test_a_covered_pattern_is_dropped_and_a_crossing_pair_falls_back_to_all():
+    assert filter_subjects(["events.user.*.joined", "events.user.eu.joined"]) == [
+        "events.user.*.joined"
+    ]
+    assert filter_subjects(["events.a", "events.b.>", "events.b.c"]) == ["events.a", "events.b.>"]
+    assert filter_subjects(["events.*.joined", "events.user.*"]) == ["events.>"]
