@@ -63,7 +63,7 @@ async def results_applied(js, workflow_id: str, timeout: float = 10.0) -> None:
 
 def published(reply: dict[str, Any]) -> dict[str, Any]:
     """The saga a terminate replied with, as stored once its commands were published."""
-    return {**reply, "unpublished": ""}
+    return {k: v for k, v in reply.items() if k != "unpublished"}  # cleared: not written
 
 
 async def test_terminating_a_parent_terminates_its_waiting_child(nc, js, family):

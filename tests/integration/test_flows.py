@@ -201,6 +201,6 @@ async def test_rerun_a_finished_plan_day_from_its_weather(nc, js, stack):
     weather = next(t for t in again["tasks"] if t["ref"] == "weather")
     agenda = next(t for t in again["tasks"] if t["ref"] == "agenda")
     assert (weather["attempt"], len(weather["history"])) == (2, 1)
-    assert (agenda["attempt"], agenda["history"]) == (1, [])
+    assert (agenda["attempt"], agenda.get("history", [])) == (1, [])  # none: omitted
     assert_error(await call(nc, "conductor.rerun.day-r", {"task": "nope"}), 404)
     assert_error(await call(nc, "conductor.rerun.day-r", {"tsk": "weather"}), 400)

@@ -41,8 +41,13 @@ def saga(updated_at: str) -> Saga:
         version=1,
         status="RUNNING",
         input={},
+        output=None,
+        tenant="",
         created_at=updated_at,
         updated_at=updated_at,
+        trace_id="",
+        error=None,
+        tasks=(),
     )
 
 

@@ -127,7 +127,7 @@ async def test_a_terminal_error_fails_at_once_with_the_agents_error(nc, js, cond
     await call(nc, "conductor.start.retrying", {"n": -1}, {"Workflow-Id": "r-3"})
     state = (await wait_finished(js, ["r-3"]))["r-3"]
     work = state["tasks"][0]
-    assert (state["status"], work["attempt"], work["history"]) == ("FAILED", 1, [])
+    assert (state["status"], work["attempt"], work.get("history", [])) == ("FAILED", 1, [])
     assert (work["error"]["type"], work["error"]["retryable"]) == ("negative", False)
 
 

@@ -12,6 +12,7 @@ from kapellmeister.messages import (
     ListRequest,
     Saga,
     TaskCompleted,
+    TaskRecord,
     TaskRequest,
     TaskResult,
     utc_shift,
@@ -34,10 +35,34 @@ def test_messages_between_services_ignore_unknown_fields():
     assert request.attempt == 2
     saga = msgspec.json.decode(
         b'{"workflow_id":"w","workflow":"p","version":1,"status":"RUNNING","input":{},'
-        b'"created_at":"t","updated_at":"t","future_field":[1]}',
+        b'"output":null,"tenant":"","created_at":"t","updated_at":"t","trace_id":"",'
+        b'"error":null,"tasks":[],"future_field":[1]}',
         type=Saga,
     )
-    assert saga.tasks == ()
+    assert (saga.tasks, saga.variables, saga.unpublished) == ((), {}, "")
+
+
+CONTRACT_SAGA = {"workflow_id", "workflow", "version", "status", "input", "output", "tenant",
+                 "created_at", "updated_at", "trace_id", "error", "tasks"}  # fmt: skip
+CONTRACT_TASK = {"ref", "name", "type", "status", "attempt", "input", "output", "error",
+                 "scheduled_at", "started_at", "ended_at"}  # fmt: skip
+
+
+def test_a_saga_always_carries_the_contract_fields_and_omits_default_bookkeeping():
+    task = TaskRecord(
+        ref="a", name="t.a", type="SIMPLE", status="SCHEDULED", attempt=1, input=None,
+        output=None, error=None, scheduled_at="t", started_at=None, ended_at=None,
+    )  # fmt: skip
+    saga = Saga(
+        workflow_id="w", workflow="p", version=1, status="RUNNING", input={}, output=None,
+        tenant="", created_at="t", updated_at="t", trace_id="", error=None, tasks=(task,),
+    )  # fmt: skip
+    written = msgspec.json.decode(msgspec.json.encode(saga))
+    assert set(written) == CONTRACT_SAGA  # null and empty ones too: the contract says so
+    assert set(written["tasks"][0]) == CONTRACT_TASK
+    assert msgspec.json.decode(msgspec.json.encode(saga), type=Saga) == saga
+    busy = msgspec.structs.replace(saga, unpublished="start", variables={"x": 1})
+    assert {"unpublished", "variables"} <= set(msgspec.json.decode(msgspec.json.encode(busy)))
 
 
 def test_facts_are_tagged_in_json():

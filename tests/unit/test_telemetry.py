@@ -81,8 +81,12 @@ def _saga(status: str, tasks: tuple[TaskRecord, ...]) -> Saga:
         version=1,
         status=status,  # type: ignore[arg-type]
         input={},
+        output=None,
+        tenant="",
         created_at="2026-11-23T10:00:00.000Z",
         updated_at="2026-11-23T10:00:02.000Z",
+        trace_id="",
+        error=None,
         tasks=tasks,
     )
 
@@ -110,7 +114,13 @@ def test_a_saga_write_counts_its_start_its_end_and_the_tasks_that_ended():
         name="agenda.activity",
         type="SIMPLE",
         status="SCHEDULED",
+        attempt=1,
+        input=None,
+        output=None,
+        error=None,
         scheduled_at="2026-11-23T10:00:00.000Z",
+        started_at=None,
+        ended_at=None,
     )
     done = TaskRecord(
         ref="agenda",
@@ -118,7 +128,11 @@ def test_a_saga_write_counts_its_start_its_end_and_the_tasks_that_ended():
         type="SIMPLE",
         status="COMPLETED",
         attempt=2,
+        input=None,
+        output=None,
+        error=None,
         scheduled_at="2026-11-23T10:00:00.000Z",
+        started_at=None,
         ended_at="2026-11-23T10:00:01.500Z",
     )
     started = _saga("RUNNING", (waiting,))
