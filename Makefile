@@ -25,6 +25,7 @@ unit:
 	$(BIN)/pytest
 
 bench: $(VENV)/.installed
+	VENV=$(VENV) bash bench/peers/setup.sh
 	$(BIN)/python bench/plan_day.py
 
 $(VENV)/.installed: pyproject.toml

@@ -378,14 +378,19 @@ async def wait_for_ceiling(nc: Client, process: ServiceProcess, timeout: float =
 async def bench_kapellmeister(
     nc: Client, url: str, logs: Path, jobs: list[Job], args: argparse.Namespace, deadline: float
 ) -> Outcome:
-    services = [
-        ServiceProcess(name, url, logs / f"{name}.log", env=args.service_env) for name in SERVICES
-    ]
+    # Replicas: --conductors of the conductor, --agents of each agent.
+    labelled: dict[str, ServiceProcess] = {}
+    for name in SERVICES:
+        count = args.conductors if name == "conductor" else args.agents
+        for n in range(1, count + 1):
+            label = name if count == 1 else f"{name}-{n}"
+            labelled[label] = ServiceProcess(name, url, logs / f"{label}.log", env=args.service_env)
+    services = list(labelled.values())
     try:
         for service in services:
             service.start()
         await wait_for_services(nc, SERVICES, timeout=60, processes=services)
-        pids = {s.name: s.pid for s in services if s.pid is not None}
+        pids = {label: s.pid for label, s in labelled.items() if s.pid is not None}
         pids.update(args.extra_pids)
         outcome = await run_target(
             nc,
@@ -442,6 +447,73 @@ async def delete_ceiling_topology(nc: Client) -> None:
         await js.delete_key_value(CEILING_BUCKET)
 
 
+PEERS = {
+    "dbos": HERE / "peers" / "dbos_plan_day.py",
+    "celery": HERE / "peers" / "celery_plan_day.py",
+}
+
+
+class PeerResult(msgspec.Struct):
+    """A peer script's ``RESULT {json}`` line (bench/peers/servers.py)."""
+
+    throughput: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    seq_p50_ms: float | None = None
+    seq_p99_ms: float | None = None
+    completed: int = 0
+    wrong: int = 0
+    errors: int = 0
+    rss_mib: float | None = None
+    note: str = ""
+
+
+async def bench_peer(name: str, args: argparse.Namespace) -> Outcome:
+    """Run bench/peers/<name>_plan_day.py (its own servers and workers) and read its line."""
+    command = [
+        sys.executable,
+        str(PEERS[name]),
+        *("--workflows", str(args.workflows), "--concurrency", str(args.concurrency)),
+        *("--sequential", str(SEQUENTIAL), "--seed", str(args.seed)),
+        *("--timeout", str(args.timeout)),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), args.timeout + 120)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        return Outcome(note=f"{name}: no result in {args.timeout + 120:.0f} s")
+    lines = [line for line in out.decode().splitlines() if line.startswith("RESULT ")]
+    if process.returncode != 0 and not lines:
+        last = (err.decode().strip().splitlines() or ["?"])[-1]
+        return Outcome(note=f"not run ({last}); bash bench/peers/setup.sh installs it")
+    found = msgspec.json.decode(lines[-1].removeprefix("RESULT "), type=PeerResult)
+
+    def number(value: float | None) -> float:
+        return float("nan") if value is None else value
+
+    return Outcome(
+        throughput=number(found.throughput),
+        p50_ms=number(found.p50_ms),
+        p99_ms=number(found.p99_ms),
+        seq_p50_ms=number(found.seq_p50_ms),
+        seq_p99_ms=number(found.seq_p99_ms),
+        completed=found.completed,
+        wrong=found.wrong,
+        errors=found.errors,
+        note=found.note,
+        rss_mib=number(found.rss_mib),
+    )
+
+
 # --- the report ---------------------------------------------------------------------------
 
 
@@ -450,15 +522,27 @@ def _cell(value: float, digits: int = 1) -> str:
 
 
 def print_report(results: dict[str, Outcome], args: argparse.Namespace) -> None:
-    header = ("", "workflows/s", "p50 ms", "p99 ms", "sequential p50 ms", "sequential p99 ms")
+    header = (
+        "",
+        "workflows/s",
+        "x ceiling",
+        "p50 ms",
+        "p99 ms",
+        "alone p50 ms",
+        "alone p99 ms",
+        "RSS MiB",
+    )
+    ceiling_rate = results["ceiling"].throughput if "ceiling" in results else float("nan")
     rows = [header] + [
         (
             name,
             _cell(o.throughput),
+            _cell(o.throughput / ceiling_rate, 2),
             _cell(o.p50_ms),
             _cell(o.p99_ms),
             _cell(o.seq_p50_ms, 2),
             _cell(o.seq_p99_ms, 2),
+            _cell(o.rss_mib),
         )
         for name, o in results.items()
     ]
@@ -474,12 +558,22 @@ def print_report(results: dict[str, Outcome], args: argparse.Namespace) -> None:
                 for i, cell in enumerate(row)
             )
         )
-    km, ceiling = results.get("kapellmeister"), results.get("ceiling")
-    if km and ceiling and ceiling.throughput == ceiling.throughput:
-        print(f"throughput kapellmeister/ceiling: {km.throughput / ceiling.throughput:.2f}")
+    print(
+        "RSS: the conductor process after the run (ceiling: its conductor; dbos: its app"
+        " processes; celery: its workers and client)"
+    )
     for name, o in results.items():
-        print(f"{name} conductor RSS after the run: {_cell(o.rss_mib)} MiB")
-    for name, o in results.items():
+        if not o.cpu_ms_per_wf:  # a peer: its own script measured it
+            problems = [
+                f"{o.completed}/{args.workflows} completed"
+                if o.completed != args.workflows
+                else "",
+                f"{o.wrong} wrong activities" if o.wrong else "",
+                o.note,
+            ]
+            if any(problems):
+                print(f"{name}: " + "; ".join(p for p in problems if p))
+            continue
         cpu = ", ".join(f"{k} {v:.2f}" for k, v in o.cpu_ms_per_wf.items())
         print(
             f"{name}: all start replies in {o.starts_s:.2f} s; cores busy "
@@ -536,6 +630,9 @@ async def amain(args: argparse.Namespace) -> int:
                 finally:
                     if args.nats_url is not None:
                         await delete_ceiling_topology(nc)
+            for peer in PEERS:
+                if peer in args.only:
+                    results[peer] = await bench_peer(peer, args)
         finally:
             await nc.drain()
         print_report(results, args)
@@ -547,14 +644,19 @@ async def amain(args: argparse.Namespace) -> int:
         if server is not None:
             server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    bad = [o for o in results.values() if o.note or o.wrong or o.completed != args.workflows]
+    bad = [
+        o
+        for name, o in results.items()
+        if name in ("kapellmeister", "ceiling")
+        and (o.note or o.wrong or o.completed != args.workflows)
+    ]
     return 1 if bad else 0
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--workflows", "-n", type=int, default=2000)
-    parser.add_argument("--concurrency", "-c", type=int, default=256)
+    parser.add_argument("--concurrency", "-c", type=int, default=2000)
     parser.add_argument("--nats-url", default=None, help="use this server; default: embedded")
     parser.add_argument(
         "--timeout", type=float, default=150.0, help="give up on a part after this many seconds"
@@ -563,9 +665,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["kapellmeister", "ceiling"],
-        default=["kapellmeister", "ceiling"],
+        choices=["kapellmeister", "ceiling", *PEERS],
+        default=["kapellmeister", "ceiling", *PEERS],
     )
+    parser.add_argument("--conductors", type=int, default=1, help="conductor replicas")
+    parser.add_argument("--agents", type=int, default=1, help="replicas of each agent")
     parser.add_argument("--ceiling-inflight", type=int, default=256)
     parser.add_argument(
         "--ceiling-no-cache", action="store_true", help="ceiling conductor: kv.get before each CAS"

@@ -347,6 +347,9 @@ class Conductor:
             return
         if trace is None:
             trace = _root(state)
+        if len(commands) == 1:  # the usual case: no task to gather one publish
+            await self._publish_one(commands[0], trace, state)
+            return
         await asyncio.gather(*(self._publish_one(c, trace, state) for c in commands))
 
     async def _publish_one(self, command: Command, trace: Mapping[str, str], state: Saga) -> None:
