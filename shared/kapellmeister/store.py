@@ -11,6 +11,7 @@ and skip a read; a stale entry costs one failed CAS and a reload, never a wrong 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -18,6 +19,8 @@ from typing import TypeVar
 
 import msgspec
 import nats.errors
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
@@ -41,33 +44,49 @@ class Versioned(msgspec.Struct, frozen=True):
     revision: int
 
 
-async def read_bucket(kv: KeyValue, quiet_s: float = 10.0) -> AsyncIterator[tuple[str, bytes]]:
-    """The key and latest value of every key of a bucket (an ordered consumer over it).
+async def read_bucket(
+    kv: KeyValue, quiet_s: float = 10.0, batch: int = 1000
+) -> AsyncIterator[tuple[str, bytes]]:
+    """The key and latest value of every key of a bucket, ``batch`` at a time.
 
-    The end is the first entry with nothing pending after it (its ``delta`` is 0), and an
-    empty bucket is known from its status first. nats-py's own end marker (a None update)
-    is not trusted: it is sent early when the server has pushed every entry before the
-    client counted one, so a read ending on it can miss the whole bucket. Should the end
-    never come (a reconnect mid-read, a purge under the read), a quiet ``quiet_s`` ends it.
+    An ephemeral pull consumer (last value per key, no acks) fetched a batch at a time:
+    memory stays at one batch however large the bucket (nats-py's KV watcher buffers
+    whatever the server pushes, which for 100,000 sagas was 150 MB at the peak). The
+    end is the first entry with nothing pending after it, and an empty bucket is known
+    from its status first. Should the end never come (a reconnect, a purge under the
+    read), a quiet ``quiet_s`` ends it.
     """
     if (await kv.status()).values == 0:
         return
-    watcher = await kv.watchall()
+    js: JetStreamContext = kv._js
+    prefix = f"$KV.{kv._name}."
+    config = ConsumerConfig(
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+        ack_policy=AckPolicy.NONE,
+        inactive_threshold=max(60.0, quiet_s * 2),
+        mem_storage=True,
+        num_replicas=1,
+    )
+    sub = await js.pull_subscribe(prefix + ">", stream=kv._stream, config=config)
+    consumer = (await sub.consumer_info()).name
     try:
         while True:
             try:
-                entry = await watcher.updates(timeout=quiet_s)
+                messages = await sub.fetch(batch, timeout=quiet_s)
             except nats.errors.TimeoutError:
                 log.warning("reading bucket %s: no end after %.0fs", kv._name, quiet_s)
                 return
-            if entry is None:  # nats-py's marker: not the end (see above)
-                continue
-            if entry.value and entry.operation is None:
-                yield entry.key, entry.value
-            if entry.delta == 0:
-                return
+            for msg in messages:
+                deleted = msg.headers is not None and "KV-Operation" in msg.headers
+                if msg.data and not deleted:
+                    yield msg.subject.removeprefix(prefix), msg.data
+                if msg.metadata.num_pending == 0:
+                    return
     finally:
-        await watcher.stop()
+        # Not left to its inactivity timeout: a sweep every few seconds would pile them up.
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+            await js.delete_consumer(kv._stream, consumer)
 
 
 class CasConflict(Exception):

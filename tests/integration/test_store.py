@@ -37,3 +37,12 @@ async def test_a_bucket_of_only_deleted_keys_reads_as_nothing_without_waiting(js
     await kv.put("a", b"1")
     await kv.delete("a")
     assert await asyncio.wait_for(read(kv), timeout=1.0) == []
+
+
+async def test_a_big_bucket_is_read_in_batches_and_leaves_no_consumer(js):
+    kv = await js.create_key_value(bucket="big")
+    for n in range(700):
+        await kv.put(f"k{n:03d}", b"v%d" % n)
+    got = [item async for item in read_bucket(kv, quiet_s=2.0, batch=64)]
+    assert len(got) == 700 and got[699] == ("k699", b"v699")  # in stream order
+    assert await js.consumers_info("KV_big") == []
