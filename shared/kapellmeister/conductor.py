@@ -187,9 +187,9 @@ class Conductor:
         self._publisher = Publisher(nc)
         await self._publisher.start()
         self._clock = ServerClock(nc)
-        await ensure_streams(self._js, settings.replicas)
+        await ensure_streams(self._js, settings.replicas, owner=True)
         await self._clock.sync()
-        buckets = await ensure_buckets(self._js, settings.replicas)
+        buckets = await ensure_buckets(self._js, settings.replicas, owner=True)
         self._store = SagaStore(buckets["workflows"], self._publisher)
         self._leases = buckets[LEASES]
         self._tenants = buckets["tenants"]
@@ -230,8 +230,11 @@ class Conductor:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await _bounded("sweeper", asyncio.gather(self._sweeper, return_exceptions=True), 5.0)
+        if self._definitions is not None:
+            self._definitions.on_change = None  # no new trigger puller while stopping
         for task in list(self._background):
             task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         if self._events is not None:
             await _bounded("trigger consumer", self._events.stop(grace), grace + 5.0)
         if self._worker is not None:
@@ -260,18 +263,15 @@ class Conductor:
         async with self._trigger_lock:
             latest = [self.registry.get(name) for name in self.registry.names()]
             wanted = {trigger.subject for d in latest for trigger, _ in d.triggers}
-            try:
-                info = await self.js.consumer_info(EVENTS, triggers.DURABLE)
-                config = info.config
-                current = set(
-                    config.filter_subjects or [config.filter_subject or triggers.ALL_EVENTS]
-                )
-            except nats.js.errors.NotFoundError:
-                current = set()
-            subjects = triggers.filter_subjects(wanted | current)
-            if not subjects:
-                return
-            if set(subjects) != current:
+            # Another replica may widen the filters between our read and our write: write,
+            # read back, and go again until what the server has covers both.
+            for _ in range(5):
+                current = await self._trigger_filters()
+                subjects = triggers.filter_subjects(wanted | current)
+                if not subjects:
+                    return
+                if set(subjects) == current:
+                    break
                 await ensure_consumer(
                     self.js,
                     EVENTS,
@@ -293,6 +293,14 @@ class Conductor:
                     self.settings.concurrency,
                 )
                 await self._events.start()
+
+    async def _trigger_filters(self) -> set[str]:
+        """The trigger consumer's filters as the server has them (none: no consumer)."""
+        try:
+            config = (await self.js.consumer_info(EVENTS, triggers.DURABLE)).config
+        except nats.js.errors.NotFoundError:
+            return set()
+        return set(config.filter_subjects or [config.filter_subject or triggers.ALL_EVENTS])
 
     # --- the five steps -------------------------------------------------------------------
 
@@ -818,7 +826,7 @@ class Conductor:
         # Leave alone what was written in the last few seconds: its writer is most likely
         # publishing right now, and a republish would only be a duplicate to drop.
         recent, expired = await self._to_sweep(utc_shift(now, -self.settings.sweep_grace_s), now)
-        await self._expire(expired)
+        await self._expire(expired, now)
         count = 0
         recovery = Recovery(self.js)  # one scan per subject for the whole sweep
         self._redriven = {k: v for k, v in self._redriven.items() if recent.get(k) == v.updated_at}
@@ -882,7 +890,7 @@ class Conductor:
         retention = retention or self.settings.retention_s
         return retention is not None and head.updated_at <= utc_shift(now, -retention)
 
-    async def _expire(self, workflow_ids: list[str]) -> None:
+    async def _expire(self, workflow_ids: list[str], now: str) -> None:
         """Remove finished workflows past their retention from KV: a purge (every
         revision) that only happens if the saga is still the one the sweep saw finished
         (a retry may just have made it run again), leaving a marker that goes in a day."""
@@ -891,10 +899,13 @@ class Conductor:
             try:
                 entry = await kv.get(workflow_id)
                 head = _decode_head(entry.value or b"{}")
+                # Read again: a retry may have run it again, and even finished it anew.
                 if head.status not in TERMINAL or head.unpublished:
                     continue
+                if not self._past_retention(head, now):
+                    continue
                 await self.js.publish(
-                    f"$KV.workflows.{workflow_id}",
+                    self.store.subject(workflow_id),
                     headers={
                         "KV-Operation": "PURGE",
                         "Nats-Rollup": "sub",

@@ -84,6 +84,7 @@ class Publisher:
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await self._sub.unsubscribe()
+            self._sub = None  # a publish from now on fails at once, it waits on nothing
         for future, _ in self._waiting.values():
             if not future.done():
                 future.set_exception(nats.errors.ConnectionClosedError())
@@ -100,11 +101,13 @@ class Publisher:
 
         Raises:
             WrongLastSequence: a ``Nats-Expected-Last-Subject-Sequence`` did not hold.
+            nats.errors.ConnectionClosedError: the publisher is not started, or stopped.
             nats.js.errors.APIError: any other refusal (a duplicate is not one).
             nats.errors.NoRespondersError: no stream takes ``subject``.
             nats.errors.TimeoutError: no ack within ``timeout`` (default: the publisher's).
         """
-        assert self._sub is not None, "start() first"
+        if self._sub is None:
+            raise nats.errors.ConnectionClosedError()  # not started, or stopped
         token = str(next(self._counter)).encode()
         future: asyncio.Future[_Reply] = asyncio.get_running_loop().create_future()
         deadline = time.monotonic() + (self._timeout if timeout is None else timeout)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -115,6 +116,7 @@ class DefinitionStore:
         self._loaded: set[str] = set()
         # Called after a definition is added to the registry (registered or followed).
         self.on_change: Callable[[], None] | None = None
+        self._reloaded = 0.0
 
     async def start(self, shipped: Iterable[Definition] = ()) -> None:
         """Store the shipped definitions that are not stored yet, load all, then follow."""
@@ -141,8 +143,16 @@ class DefinitionStore:
 
     async def reload(self) -> None:
         """Read every stored definition into the registry."""
+        self._reloaded = time.monotonic()
         async for key, value in read_bucket(self.kv):
             self._add(key, value)
+
+    async def reload_at_most_every(self, seconds: float) -> bool:
+        """`reload`, unless it ran in the last ``seconds``; whether it ran."""
+        if time.monotonic() - self._reloaded < seconds:
+            return False
+        await self.reload()
+        return True
 
     async def _follow(self) -> None:
         watcher = await self.kv.watchall(include_history=False)

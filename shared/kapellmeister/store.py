@@ -11,6 +11,7 @@ and skip a read; a stale entry costs one failed CAS and a reload, never a wrong 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
@@ -49,12 +50,13 @@ async def read_bucket(
 ) -> AsyncIterator[tuple[str, bytes]]:
     """The key and latest value of every key of a bucket, ``batch`` at a time.
 
-    An ephemeral pull consumer (last value per key, no acks) fetched a batch at a time:
-    memory stays at one batch however large the bucket (nats-py's KV watcher buffers
+    An ephemeral pull consumer (last value per key, no acks) fetched a batch at a time
+    (a key written again while it reads comes once, at the value first seen):
+    memory stays at a batch and the keys, however large the bucket (nats-py's KV watcher buffers
     whatever the server pushes, which for 100,000 sagas was 150 MB at the peak). The
     end is the first entry with nothing pending after it, and an empty bucket is known
-    from its status first. Should the end never come (a reconnect, a purge under the
-    read), a quiet ``quiet_s`` ends it.
+    from its status first. Should the end never come (a reconnect), ``quiet_s`` without
+    a message while the consumer still counts some pending ends it.
     """
     if (await kv.status()).values == 0:
         return
@@ -68,25 +70,36 @@ async def read_bucket(
         num_replicas=1,
     )
     sub = await js.pull_subscribe(prefix + ">", stream=kv._stream, config=config)
-    consumer = (await sub.consumer_info()).name
+    seen: set[str] = set()  # a key written again during the read comes once
+    deadline = asyncio.get_running_loop().time() + quiet_s
     try:
         while True:
             try:
-                messages = await sub.fetch(batch, timeout=quiet_s)
+                messages = await sub.fetch(batch, timeout=1.0)
             except nats.errors.TimeoutError:
-                log.warning("reading bucket %s: no end after %.0fs", kv._name, quiet_s)
-                return
+                # Nothing came: the end, or a key purged under the read left a gap the
+                # server waits out; the consumer's own count says which.
+                if (await sub.consumer_info()).num_pending == 0:
+                    return
+                if asyncio.get_running_loop().time() > deadline:
+                    log.warning("reading bucket %s: no end after %.0fs", kv._name, quiet_s)
+                    return
+                continue
+            deadline = asyncio.get_running_loop().time() + quiet_s
             for msg in messages:
+                key = msg.subject.removeprefix(prefix)
                 deleted = msg.headers is not None and "KV-Operation" in msg.headers
-                if msg.data and not deleted:
-                    yield msg.subject.removeprefix(prefix), msg.data
+                if msg.data and not deleted and key not in seen:
+                    seen.add(key)
+                    yield key, msg.data
                 if msg.metadata.num_pending == 0:
                     return
     finally:
         # Not left to its inactivity timeout: a sweep every few seconds would pile them up.
         with contextlib.suppress(nats.errors.Error):
+            name = (await sub.consumer_info()).name
             await sub.unsubscribe()
-            await js.delete_consumer(kv._stream, consumer)
+            await js.delete_consumer(kv._stream, name)
 
 
 class CasConflict(Exception):
@@ -156,6 +169,10 @@ class SagaStore:
         else:
             self._remember(key, Versioned(state, new_revision))
         return new_revision
+
+    def subject(self, key: str) -> str:
+        """The subject a saga's revisions are stored on."""
+        return self._subject + key
 
     async def _deleted_at(self, key: str) -> int | None:
         """The revision of the delete or purge marker that is the key's last, if it is."""

@@ -139,12 +139,13 @@ def _streams(replicas: int) -> list[StreamConfig]:
     ]
 
 
-async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
+async def ensure_streams(js: JetStreamContext, replicas: int = 1, *, owner: bool = False) -> None:
     """Create or update the streams with the settings above.
 
     A service whose NATS user may not create or update streams (an agent under the
     deploy permissions, where the conductor owns the topology) binds to them as they
     are: it waits for a missing one to be created, and leaves a different one alone.
+    The ``owner`` (the conductor) does not wait for anyone: a refusal is raised.
     """
     for config in _streams(replicas):
         name = config.name or ""
@@ -157,6 +158,8 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
                 # Another service created it between our look and our create.
                 await js.update_stream(config)
             except _REFUSED as exc:
+                if owner:
+                    raise
                 await _wait_for(f"stream {name}", functools.partial(js.stream_info, name), exc)
             continue
         current = info.config
@@ -168,17 +171,21 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
             try:
                 await js.update_stream(config)
             except _REFUSED as exc:
+                if owner:
+                    raise
                 log.warning("stream %s is not as this version would have it: %r", name, exc)
 
 
-async def ensure_buckets(js: JetStreamContext, replicas: int = 1) -> dict[str, KeyValue]:
+async def ensure_buckets(
+    js: JetStreamContext, replicas: int = 1, *, owner: bool = False
+) -> dict[str, KeyValue]:
     """Create (or bind to) every KV bucket; returns them by name (waits, like
-    `ensure_streams`, for one this service may not create)."""
+    `ensure_streams`, for one this service may not create, unless it is the ``owner``)."""
     buckets: dict[str, KeyValue] = {}
     for name, history in BUCKETS.items():
         try:
             buckets[name] = await js.key_value(name)
-            if name in _MESSAGE_TTL:
+            if owner and name in _MESSAGE_TTL:
                 await _allow_message_ttl(js, f"KV_{name}")
             continue
         except BucketNotFoundError:
@@ -199,6 +206,8 @@ async def ensure_buckets(js: JetStreamContext, replicas: int = 1) -> dict[str, K
                 )
             )
         except _REFUSED as exc:
+            if owner:
+                raise
             buckets[name] = await _wait_for(
                 f"bucket {name}", functools.partial(js.key_value, name), exc
             )

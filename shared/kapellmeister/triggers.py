@@ -157,8 +157,10 @@ def triggered(definitions: list[Definition], subject: str) -> Iterator[tuple[Def
 
 async def on_event(conductor: Conductor, msg: Msg) -> None:
     """Start what the event triggers, then ack it."""
-    latest = [conductor.registry.get(name) for name in conductor.registry.names()]
-    matches = list(triggered(latest, msg.subject))
+    matches = await _matching(conductor, msg)
+    if matches is None:
+        await msg.nak(delay=1.0)  # back in a second, when the definitions can be re-read
+        return
     if not matches:
         await msg.ack()
         return
@@ -196,6 +198,26 @@ async def on_event(conductor: Conductor, msg: Msg) -> None:
             await msg.ack()
         return
     await msg.nak(delay=min(2.0**deliveries, 60.0))
+
+
+def _matches(conductor: Conductor, subject: str) -> list[tuple[Definition, Compiled]]:
+    latest = [conductor.registry.get(name) for name in conductor.registry.names()]
+    return list(triggered(latest, subject))
+
+
+async def _matching(conductor: Conductor, msg: Msg) -> list[tuple[Definition, Compiled]] | None:
+    """The definitions the event triggers; None: look again in a second.
+
+    The consumer only takes what some trigger matches: a replica that matches nothing
+    has most likely not seen a definition another one just registered, so it reads the
+    definitions again (at most once a second; else the event comes back once, later).
+    """
+    matches = _matches(conductor, msg.subject)
+    if matches:
+        return matches
+    if await conductor.definitions.reload_at_most_every(1.0):
+        return _matches(conductor, msg.subject)
+    return None if msg.metadata.num_delivered < 2 else []
 
 
 async def _start(

@@ -72,3 +72,9 @@ async def test_stop_fails_what_still_waits(nc, publisher):
     with pytest.raises(nats.errors.ConnectionClosedError):
         await waiting
     await silent.unsubscribe()
+
+
+async def test_a_publish_after_stop_fails_at_once(publisher):
+    await publisher.stop()
+    with pytest.raises(nats.errors.ConnectionClosedError):
+        await asyncio.wait_for(publisher.publish("pub.late", b""), 1.0)

@@ -210,3 +210,29 @@ async def test_without_triggers_there_is_no_consumer_and_filters_only_widen(nc, 
     finally:
         await stale.stop()
         await first.stop()
+
+
+async def test_a_replica_that_has_not_seen_a_new_trigger_reloads_before_dropping(nc, js, settings):
+    """A registers; the event goes to B, whose copy of the definitions is behind."""
+    a = Conductor(settings, Registry(registry().all()))
+    b = Conductor(settings, Registry(registry().all()))
+    await a.start(nc)
+    await b.start(nc)
+    try:
+        await b.definitions.stop()  # b follows no more registrations: it lags behind
+        await a.definitions.register(msgspec.json.encode(GREETING))
+        await a.sync_triggers()
+        assert a._events is not None
+        await a._events.stop(1.0)  # only b takes events now
+        await b.sync_triggers()  # (it widens nothing: a did; it starts b's puller)
+        await js.publish("events.user.eu.joined", b'{"user": "di"}', headers={"Nats-Msg-Id": "r-1"})
+        state = None
+        for _ in range(100):
+            state = await find_saga(js, "greeting=r-1")
+            if state is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert state is not None and state["input"] == {"user": "di"}
+    finally:
+        await b.stop()
+        await a.stop()
