@@ -9,7 +9,6 @@ compare-and-set, publish steps as task results (`Conductor.apply`).
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
@@ -21,7 +20,6 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
-from kapellmeister import tracing
 from kapellmeister.errors import BadRequest, Conflict, NotFound, WorkflowNotFound
 from kapellmeister.messages import (
     Fact,
@@ -31,7 +29,6 @@ from kapellmeister.messages import (
     ResumeRequested,
     RetryRequested,
     SignalReceived,
-    Started,
     StartReply,
     TerminateRequested,
     WorkflowSummaries,
@@ -135,23 +132,7 @@ class _Api:
             raise BadRequest(
                 "Workflow-Id must be 1-128 of A-Z a-z 0-9 _ = - (it is used in subjects)"
             )
-        # The root context is chosen now and kept in the saga; the root span with its
-        # ids is recorded once the start is decided, and only if it created the workflow.
-        started_ns = time.time_ns()
-        traceparent = tracing.root_traceparent(f"workflow {definition.name}", headers)
-        with tracing.about({"workflow.id": workflow_id}, traceparent):
-            fact = Started(
-                workflow_id=workflow_id,
-                workflow=definition.name,
-                version=definition.version,
-                input=data,
-                at=self.conductor.clock.now(),
-                tenant=headers.get("Tenant", ""),
-                trace_id=tracing.trace_id_of(traceparent),
-                traceparent=traceparent,
-                tracestate=headers.get("tracestate", ""),
-            )
-            state = await self.conductor.start_workflow(fact, headers, started_ns)
+        state = await self.conductor.start_from(definition, workflow_id, data, headers)
         return _encode(StartReply(workflow_id=state.workflow_id, status=state.status))
 
     async def get(self, request: Request) -> bytes:

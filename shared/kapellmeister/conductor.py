@@ -55,8 +55,9 @@ from kapellmeister.decider import (
     task_msg_id,
     terminate_child,
 )
-from kapellmeister.definitions import TenantConfig
+from kapellmeister.definitions import Definition, TenantConfig
 from kapellmeister.errors import KapellmeisterError
+from kapellmeister.expressions import Json
 from kapellmeister.gather import kv_key
 from kapellmeister.lease import LEASES, Look, cancel_if_silent, lease_key, look
 from kapellmeister.messages import (
@@ -444,6 +445,30 @@ class Conductor:
     async def _publish_result(self, result: TaskResult, headers: Mapping[str, str]) -> None:
         """A result the conductor states itself (a child's end, a refusal, a poison task)."""
         await self.publisher.publish(f"results.{result.workflow_id}", _encode(result), headers)
+
+    async def start_from(
+        self, definition: Definition, workflow_id: str, data: Json, headers: Mapping[str, str]
+    ) -> Saga:
+        """Start ``definition`` as a request or an event asked (``Tenant``, ``traceparent``
+        and ``tracestate`` from its ``headers``), in a trace of its own that continues the
+        caller's. The root context is chosen now and kept in the saga; the root span with
+        its ids is recorded once the start is decided, and only if it created the
+        workflow."""
+        started_ns = time.time_ns()
+        traceparent = tracing.root_traceparent(f"workflow {definition.name}", headers)
+        with tracing.about({"workflow.id": workflow_id}, traceparent):
+            fact = Started(
+                workflow_id=workflow_id,
+                workflow=definition.name,
+                version=definition.version,
+                input=data,
+                at=self.clock.now(),
+                tenant=headers.get("Tenant", ""),
+                trace_id=tracing.trace_id_of(traceparent),
+                traceparent=traceparent,
+                tracestate=headers.get("tracestate", ""),
+            )
+            return await self.start_workflow(fact, headers, started_ns)
 
     async def start_workflow(
         self, fact: Started, caller: Mapping[str, str] | None = None, started_ns: int = 0

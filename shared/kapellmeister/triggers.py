@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
@@ -33,7 +32,6 @@ from kapellmeister.deadletter import record_dead_letter
 from kapellmeister.definitions import Definition, subject_matches
 from kapellmeister.errors import KapellmeisterError
 from kapellmeister.expressions import Compiled, Json
-from kapellmeister.messages import Started
 from kapellmeister.topology import EVENTS
 
 if TYPE_CHECKING:
@@ -223,23 +221,9 @@ async def _matching(conductor: Conductor, msg: Msg) -> list[tuple[Definition, Co
 async def _start(
     conductor: Conductor, definition: Definition, event: Event, data: Json, msg: Msg
 ) -> None:
-    started_ns = time.time_ns()
-    headers = msg.headers or {}
-    traceparent = tracing.root_traceparent(f"workflow {definition.name}", headers)
     workflow_id = workflow_id_for(definition.name, event.id)
-    with tracing.about({"workflow.id": workflow_id}, traceparent):
-        fact = Started(
-            workflow_id=workflow_id,
-            workflow=definition.name,
-            version=definition.version,
-            input=data,
-            at=conductor.clock.now(),
-            tenant=headers.get("Tenant", ""),
-            trace_id=tracing.trace_id_of(traceparent),
-            traceparent=traceparent,
-            tracestate=headers.get("tracestate", ""),
-        )
-        await conductor.start_workflow(fact, headers, started_ns)
+    state = await conductor.start_from(definition, workflow_id, data, msg.headers or {})
+    with tracing.about({"workflow.id": workflow_id}, state.traceparent):
         log.info("%s started %s", event.subject, workflow_id)
 
 
