@@ -8,10 +8,9 @@ compare-and-set, publish steps as task results (`Conductor.apply`).
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 import msgspec
 from nats.aio.client import Client
@@ -22,6 +21,7 @@ from nats.micro.service import Service
 
 from kapellmeister.errors import BadRequest, Conflict, NotFound, WorkflowNotFound
 from kapellmeister.messages import (
+    WORKFLOW_ID_PATTERN,
     Fact,
     ListRequest,
     PauseRequested,
@@ -39,10 +39,9 @@ from kapellmeister.micro import add_endpoint
 if TYPE_CHECKING:
     from kapellmeister.conductor import Conductor
 
-__all__ = ["WORKFLOW_ID_PATTERN", "serve_api"]
+__all__ = ["serve_api"]
 
 # Ids appear in subjects (conductor.get.<id>) and KV keys: no dots, no spaces.
-WORKFLOW_ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9_=-]{1,128}$")
 _encode = msgspec.json.Encoder().encode
 _decode_json = msgspec.json.Decoder().decode
 _decode_list = msgspec.json.Decoder(ListRequest).decode
@@ -111,7 +110,7 @@ def _token(request: Request, index: int) -> str:
 
 def _workflow_id(request: Request, index: int = 2) -> str:
     workflow_id = _token(request, index)
-    if not WORKFLOW_ID_PATTERN.match(workflow_id):
+    if not WORKFLOW_ID_PATTERN.fullmatch(workflow_id):
         raise WorkflowNotFound(f"no workflow with id {workflow_id!r}")
     return workflow_id
 
@@ -128,7 +127,7 @@ class _Api:
         data = _decode_json(request.data or b"{}")
         definition.validate_input(data)
         workflow_id = headers.get("Workflow-Id") or str(uuid.uuid4())
-        if not WORKFLOW_ID_PATTERN.match(workflow_id):
+        if not WORKFLOW_ID_PATTERN.fullmatch(workflow_id):
             raise BadRequest(
                 "Workflow-Id must be 1-128 of A-Z a-z 0-9 _ = - (it is used in subjects)"
             )

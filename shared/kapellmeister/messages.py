@@ -15,7 +15,8 @@ runtimes and carried into the pure decider on facts.
 from __future__ import annotations
 
 import datetime
-from typing import Annotated, Literal
+import re
+from typing import Annotated, Final, Literal
 
 import msgspec
 
@@ -56,6 +57,7 @@ __all__ = [
     "TaskRequest",
     "TaskResult",
     "TaskStatus",
+    "WORKFLOW_ID_PATTERN",
     "WorkflowStatus",
     "WorkflowSummary",
     "WorkflowSummaries",
@@ -63,6 +65,10 @@ __all__ = [
     "utc_shift",
     "utc_text",
 ]
+
+# A workflow id: it is a KV key and a subject token (results.<workflow_id>), so no dots.
+# Use fullmatch: with match, `$` would let a trailing newline through.
+WORKFLOW_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_=-]{1,128}")
 
 WorkflowStatus = Literal["RUNNING", "PAUSED", "COMPLETED", "FAILED", "TIMED_OUT", "TERMINATED"]
 TaskStatus = Literal[

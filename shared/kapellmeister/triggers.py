@@ -32,6 +32,7 @@ from kapellmeister.deadletter import record_dead_letter
 from kapellmeister.definitions import Definition, subject_matches
 from kapellmeister.errors import KapellmeisterError
 from kapellmeister.expressions import Compiled, Json
+from kapellmeister.messages import WORKFLOW_ID_PATTERN
 from kapellmeister.topology import EVENTS
 
 if TYPE_CHECKING:
@@ -91,9 +92,7 @@ def workflow_id_for(definition: str, event_id: str) -> str:
     ids never meet), or ``<definition>==<digest>`` where the event id would not fit a
     workflow id (1-128 of ``A-Z a-z 0-9 _ = -``)."""
     candidate = f"{definition}={event_id}"
-    if len(candidate) <= 128 and all(
-        c.isascii() and (c.isalnum() or c in "_=-") for c in candidate
-    ):
+    if WORKFLOW_ID_PATTERN.fullmatch(candidate):
         return candidate
     return f"{definition}=={hashlib.sha256(event_id.encode()).hexdigest()[:40]}"
 
