@@ -15,7 +15,8 @@ import nats.js.errors
 import pytest
 
 from kapellmeister.conductor import Conductor
-from kapellmeister.registry import Registry
+from kapellmeister.registry import DefinitionStore, Registry
+from kapellmeister.topology import ensure_consumer
 from services.conductor.__main__ import registry
 from tests.support import (
     body,
@@ -212,19 +213,33 @@ async def test_without_triggers_there_is_no_consumer_and_filters_only_widen(nc, 
         await first.stop()
 
 
-async def test_a_replica_that_has_not_seen_a_new_trigger_reloads_before_dropping(nc, js, settings):
-    """A registers; the event goes to B, whose copy of the definitions is behind."""
-    a = Conductor(settings, Registry(registry().all()))
-    b = Conductor(settings, Registry(registry().all()))
-    await a.start(nc)
-    await b.start(nc)
+async def test_a_replica_that_has_not_seen_a_new_trigger_reloads_before_dropping(
+    nc, js, settings, monkeypatch
+):
+    """Another replica registered a triggered definition and widened the consumer; this
+    conductor has not seen the definition yet when the event reaches it."""
+    conductor = Conductor(settings, Registry(registry().all()))
+    await conductor.start(nc)
     try:
-        await b.definitions.stop()  # b follows no more registrations: it lags behind
-        await a.definitions.register(msgspec.json.encode(GREETING))
-        await a.sync_triggers()
-        assert a._events is not None
-        await a._events.stop(1.0)  # only b takes events now
-        await b.sync_triggers()  # (it widens nothing: a did; it starts b's puller)
+        # It misses what its watch brings, as a replica behind the others would.
+        monkeypatch.setattr(conductor.definitions, "_add", lambda key, value: None)
+        other = DefinitionStore(
+            await js.key_value("definitions"), await js.key_value("tasks"), Registry()
+        )
+        await other.register(msgspec.json.encode(GREETING))  # as the other replica did
+        await ensure_consumer(
+            js,
+            "EVENTS",
+            ["events.user.*.joined"],
+            ack_wait_s=settings.ack_wait_s,
+            max_deliver=settings.max_deliver,
+            durable="conductor-triggers",
+            new_only=True,
+        )
+        await asyncio.sleep(0.5)  # its watch has brought the definition, and it missed it
+        monkeypatch.undo()
+        assert "greeting" not in conductor.registry.names()
+        await conductor.sync_triggers()  # it pulls on the filters it finds
         await js.publish("events.user.eu.joined", b'{"user": "di"}', headers={"Nats-Msg-Id": "r-1"})
         state = None
         for _ in range(100):
@@ -233,6 +248,6 @@ async def test_a_replica_that_has_not_seen_a_new_trigger_reloads_before_dropping
                 break
             await asyncio.sleep(0.05)
         assert state is not None and state["input"] == {"user": "di"}
+        assert "greeting" in conductor.registry.names()  # read again, not followed
     finally:
-        await b.stop()
-        await a.stop()
+        await conductor.stop()
