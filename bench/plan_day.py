@@ -53,6 +53,10 @@ from kapellmeister.server import EmbeddedServer
 from services.agenda.handlers import ActivityRequest, activity
 from services.weather.handlers import ReportRequest, report
 
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.procfs import cpu_seconds, machine_busy_seconds, rss_kib
+
 HERE = Path(__file__).resolve().parent
 CEILING = HERE / "ceiling.py"
 # bench/ceiling.py's names (kept in step by hand: this script runs it, never imports it).
@@ -319,37 +323,10 @@ async def run_target(
 # --- processes --------------------------------------------------------------------------
 
 
-def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
-    """User + system CPU seconds of each live process (from /proc/<pid>/stat)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    found = {}
-    for name, pid in pids.items():
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        found[name] = (int(fields[11]) + int(fields[12])) / tick
-    return found
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all processes of the machine have used (from /proc/stat)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
 def rss_mib(pid: int | None) -> float:
     """VmRSS of a process in MiB (nan if it is gone)."""
-    if pid is None:
-        return float("nan")
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    kib = rss_kib(pid) if pid is not None else None
+    return float("nan") if kib is None else kib / 1024
 
 
 def ceiling_process(role: str, url: str, log_path: Path, extra: Sequence[str]) -> ServiceProcess:

@@ -36,6 +36,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from bench.procfs import cpu_seconds, machine_busy_seconds, rss_kib
+
 if TYPE_CHECKING:
     from bench.plan_day import Job
 
@@ -45,7 +47,6 @@ __all__ = [
     "RedisServer",
     "Result",
     "ServerFailed",
-    "cpu_seconds",
     "descendants",
     "free_port",
     "measure",
@@ -341,16 +342,7 @@ def descendants(pid: int) -> list[int]:
 
 def rss_mib(pids: Iterable[int]) -> float:
     """Sum of VmRSS over ``pids`` in MiB (processes that are gone count 0)."""
-    total_kib = 0
-    for pid in pids:
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                total_kib += int(line.split()[1])
-    return total_kib / 1024
+    return sum(rss_kib(pid) or 0 for pid in pids) / 1024
 
 
 def pss_mib(pids: Iterable[int]) -> float:
@@ -367,26 +359,6 @@ def pss_mib(pids: Iterable[int]) -> float:
             if line.startswith("Pss:"):
                 total_kib += int(line.split()[1])
     return total_kib / 1024
-
-
-def cpu_seconds(pids: Iterable[int]) -> dict[int, float]:
-    """User + system CPU seconds used so far by each live process of ``pids``."""
-    tick = os.sysconf("SC_CLK_TCK")
-    found = {}
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        found[pid] = (int(fields[11]) + int(fields[12])) / tick
-    return found
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all processes of the machine have used (from /proc/stat)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 # --- the measurement -------------------------------------------------------------------------
@@ -460,6 +432,11 @@ async def _bounded(aws: Sequence[asyncio.Future[bool]], deadline: float) -> int:
     return len(pending)
 
 
+def _cpu_by_group(groups: Groups) -> dict[str, dict[int, float]]:
+    """CPU seconds so far of each process of each group, by pid."""
+    return {name: cpu_seconds({pid: pid for pid in pids}) for name, pids in groups().items()}
+
+
 def _cpu_spent(
     before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]
 ) -> dict[str, float]:
@@ -493,13 +470,13 @@ async def _throughput(
                 ended[workflow_id] = time.perf_counter()
             return ok
 
-    cpu_before = {name: cpu_seconds(pids) for name, pids in groups().items()}
+    cpu_before = _cpu_by_group(groups)
     busy_before, clock_before = machine_busy_seconds(), time.perf_counter()
     futures = [asyncio.ensure_future(one(f"{run}-{i}", job)) for i, job in enumerate(jobs)]
     left = await _bounded(futures, deadline)
     elapsed = time.perf_counter() - clock_before
     machine_cores = (machine_busy_seconds() - busy_before) / elapsed
-    spent = _cpu_spent(cpu_before, {name: cpu_seconds(pids) for name, pids in groups().items()})
+    spent = _cpu_spent(cpu_before, _cpu_by_group(groups))
     if left:
         result.add_note(f"gave up in the throughput run: {left} of {len(jobs)} not done")
     result.completed = len(ended)
