@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import socket
 from typing import Any
 
 import msgspec
@@ -164,3 +165,10 @@ async def http_get(port: int, path: str) -> tuple[int, Any]:
     await writer.wait_closed()
     head, _, body = response.partition(b"\r\n\r\n")
     return int(head.split()[1]), msgspec.json.decode(body)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for a server to take)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

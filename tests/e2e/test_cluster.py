@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,17 +23,11 @@ from nats.js.api import StreamConfig
 from kapellmeister.processes import ServiceProcess, wait_for_services
 from kapellmeister.server import EmbeddedServer
 from tests import deploy
-from tests.support import expected_activity, wait_finished
+from tests.support import expected_activity, free_port, wait_finished
 
 pytestmark = pytest.mark.e2e
 
 NODES = ("nats-1", "nats-2", "nats-3")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Cluster:

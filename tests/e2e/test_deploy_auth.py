@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from nats.aio.client import Client
 from kapellmeister.processes import ServiceProcess, wait_for_services
 from kapellmeister.server import EmbeddedServer, find_binary
 from tests import deploy
-from tests.support import call, http_get, wait_finished
+from tests.support import call, free_port, http_get, wait_finished
 
 pytestmark = pytest.mark.e2e
 
@@ -33,12 +32,6 @@ class Secured(msgspec.Struct):
     url: str
     passwords: dict[str, str]
     health_ports: dict[str, int]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.mark.parametrize("config", deploy.NATS_CONFIGS, ids=lambda p: p.name)
@@ -124,6 +117,12 @@ class Session:
             await asyncio.sleep(0.02)
         raise AssertionError(f"no permissions violation for {subject}: {self.errors}")
 
+    async def publish_refused(self, subject: str, payload: bytes = b"{}") -> None:
+        """A JetStream publish on ``subject`` gets no ack, and the server says why."""
+        with pytest.raises((TimeoutError, nats.errors.Error)):
+            await self.js.publish(subject, payload)
+        await self.refused(subject)
+
 
 @pytest.fixture
 async def connect(secured: Secured) -> AsyncIterator[Any]:
@@ -203,9 +202,7 @@ async def test_a_connection_without_credentials_is_refused(secured):
 async def test_an_agent_cannot_write_the_workflows_bucket(connect):
     weather = await connect("weather", "_INBOX_weather")
     before = await last_seq(weather, "KV_workflows")
-    with pytest.raises((TimeoutError, nats.errors.Error)):
-        await weather.js.publish("$KV.workflows.forged", b'{"status": "COMPLETED"}')
-    await weather.refused("$KV.workflows.forged")
+    await weather.publish_refused("$KV.workflows.forged", b'{"status": "COMPLETED"}')
     assert await last_seq(weather, "KV_workflows") == before
 
 
@@ -213,9 +210,7 @@ async def test_a_user_cannot_publish_tasks_or_results_or_write_kv(connect):
     client = await connect("client")
     tasks, results = await last_seq(client, "TASKS"), await last_seq(client, "RESULTS")
     for subject in ("tasks.weather.report", "results.sec-plan.weather.report", "$KV.tasks.x"):
-        with pytest.raises((TimeoutError, nats.errors.Error)):
-            await client.js.publish(subject, b"{}")
-        await client.refused(subject)
+        await client.publish_refused(subject)
     assert (await last_seq(client, "TASKS"), await last_seq(client, "RESULTS")) == (
         tasks,
         results,
@@ -249,9 +244,7 @@ async def test_an_agent_cannot_read_another_agents_tasks(connect):
 async def test_an_agent_cannot_publish_another_agents_results(connect):
     weather = await connect("weather", "_INBOX_weather")
     before = await last_seq(weather, "RESULTS")
-    with pytest.raises((TimeoutError, nats.errors.Error)):
-        await weather.js.publish("results.sec-plan.agenda.activity", b"{}")
-    await weather.refused("results.sec-plan.agenda.activity")
+    await weather.publish_refused("results.sec-plan.agenda.activity")
     assert await last_seq(weather, "RESULTS") == before
 
 

@@ -15,7 +15,7 @@ from nats.aio.client import Client
 
 from kapellmeister.processes import ServiceProcess, wait_for_services
 from tests.otlp import Receiver, Span
-from tests.support import body, call, saga, wait_finished
+from tests.support import body, call, free_port, saga, wait_finished
 
 pytestmark = pytest.mark.e2e
 
@@ -72,14 +72,6 @@ def parent(span: Span, spans: list[Span]) -> Span:
     found = by_id(spans).get(span.parent_span_id)
     assert found is not None, f"{span.service} {span.name}: parent {span.parent_span_id} missing"
     return found
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_plan_day_is_one_trace_across_the_three_services(nc, js, services, otlp):
