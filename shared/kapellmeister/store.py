@@ -97,9 +97,9 @@ async def read_bucket(
     finally:
         # Not left to its inactivity timeout: a sweep every few seconds would pile them up.
         with contextlib.suppress(nats.errors.Error):
-            name = (await sub.consumer_info()).name
             await sub.unsubscribe()
-            await js.delete_consumer(kv._stream, name)
+            # nats-py named the ephemeral consumer itself: no round trip to learn it.
+            await js.delete_consumer(kv._stream, sub._consumer)
 
 
 class CasConflict(Exception):
