@@ -56,7 +56,7 @@ import threading
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis.asyncio
 from celery import Celery, Task, chain  # type: ignore[import-untyped]
@@ -65,7 +65,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script: make `bench` importable
     sys.path.insert(0, str(ROOT))
 
-from bench.peers.servers import RedisServer, Result, descendants, measure, stop_pid  # noqa: E402
+from bench.peers.servers import Chosen, RedisServer, Result, descendants, measure, stop_pid  # noqa: E402
 from services.agenda.handlers import ActivityRequest, activity  # noqa: E402
 from services.weather.handlers import ReportRequest, report  # noqa: E402
 
@@ -75,12 +75,6 @@ if TYPE_CHECKING:
 REDIS_ENV = "PLAN_DAY_CELERY_REDIS"
 RESULT_PREFIX = "celery-task-meta-"
 T = TypeVar("T")
-
-
-class Chosen(TypedDict):
-    user: str
-    activity: str
-    workflow_id: str
 
 
 # --- the app and its tasks (what the worker imports) ------------------------------------

@@ -49,7 +49,7 @@ import threading
 import time
 from asyncio.subprocess import PIPE
 from pathlib import Path
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING
 
 import msgspec
 from dbos import DBOS, DBOSConfig, SetWorkflowID
@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script: make `bench` importable
     sys.path.insert(0, str(ROOT))
 
-from bench.peers.servers import PostgresServer, Result, descendants, measure  # noqa: E402
+from bench.peers.servers import Chosen, PostgresServer, Result, descendants, measure  # noqa: E402
 from services.agenda.handlers import ActivityRequest, activity  # noqa: E402
 from services.weather.handlers import ReportRequest, report  # noqa: E402
 
@@ -66,12 +66,6 @@ if TYPE_CHECKING:
     from bench.plan_day import Job
 
 SYSTEM_DATABASE = "plan_day_dbos"
-
-
-class Chosen(TypedDict):
-    user: str
-    activity: str
-    workflow_id: str
 
 
 # --- the workflow --------------------------------------------------------------------------

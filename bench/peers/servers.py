@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 from bench.procfs import cpu_seconds, machine_busy_seconds, rss_kib
 
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from bench.plan_day import Job
 
 __all__ = [
+    "Chosen",
     "MissingBinary",
     "PostgresServer",
     "RedisServer",
@@ -56,6 +57,14 @@ __all__ = [
 ]
 
 PG_USER = "postgres"
+
+
+class Chosen(TypedDict):
+    """What a peer's plan_day ends with: the event kapellmeister's publishes."""
+
+    user: str
+    activity: str
+    workflow_id: str
 
 
 class MissingBinary(RuntimeError):
