@@ -198,17 +198,21 @@ class Agent:
         await ensure_streams(self._js, settings.replicas)
         buckets = await ensure_buckets(self._js, settings.replicas)
         self._leases = buckets[LEASES]
-        self._service = await add_service(
-            nc, name=self.name, version=self.version, description=self.description
-        )
         for spec in self.tasks:
             await buckets["tasks"].put(
                 spec.name, _encode(spec.registration(self.name, settings.ack_wait_s))
             )
+        # The service and its endpoints back to back, with no round trip between: once
+        # `nats micro ping` answers, its endpoints answer too.
+        self._service = await add_service(
+            nc, name=self.name, version=self.version, description=self.description
+        )
+        for spec in self.tasks:
             endpoint = spec.name.rsplit(".", 1)[-1]
             await add_endpoint(
                 self._service, endpoint, spec.name, self._direct(spec), settings.concurrency
             )
+        for spec in self.tasks:
             subject = f"tasks.{spec.name}"
             durable = await ensure_consumer(
                 self._js,
