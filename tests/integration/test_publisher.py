@@ -78,3 +78,23 @@ async def test_a_publish_after_stop_fails_at_once(publisher):
     await publisher.stop()
     with pytest.raises(nats.errors.ConnectionClosedError):
         await asyncio.wait_for(publisher.publish("pub.late", b""), 1.0)
+
+
+async def test_headers_arrive_as_nats_py_would_send_them(js, publisher):
+    headers = {"Nats-Msg-Id": "h1", "traceparent": "00-ab-cd-01", "Kept": "a b"}
+    ack = await publisher.publish("pub.h", b"body", headers)
+    stored = await js.get_msg("PUB", ack.seq)
+    assert (stored.data, {k: stored.headers[k] for k in headers}) == (b"body", headers)
+
+
+async def test_values_needing_cleaning_are_cleaned_as_nats_py_does(js, publisher):
+    ack = await publisher.publish("pub.c", b"x", {"Padded": " v ", "Broken": "a\r\nPUB x 1"})
+    stored = await js.get_msg("PUB", ack.seq)
+    assert (stored.headers["Padded"], stored.headers["Broken"]) == ("v", "a  PUB x 1")
+
+
+async def test_bad_subjects_and_header_names_are_refused_as_nats_py_refuses_them(publisher):
+    with pytest.raises(nats.errors.BadSubjectError):
+        await publisher.publish("pub.a b", b"", {"Nats-Msg-Id": "s"})
+    with pytest.raises(nats.errors.BadHeaderError):
+        await publisher.publish("pub.n", b"", {"Bad Name": "v"})
