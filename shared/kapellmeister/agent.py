@@ -188,6 +188,7 @@ class Agent:
         self._js: JetStreamContext | None = None
         self._publisher: Publisher | None = None
         self._leases: KeyValue | None = None
+        self._worker_id = ""  # <name>/<micro service id>, once the service is up
 
     async def start(self, nc: Client) -> None:
         """Create what is missing, register the tasks, start consuming and serving."""
@@ -207,6 +208,7 @@ class Agent:
         self._service = await add_service(
             nc, name=self.name, version=self.version, description=self.description
         )
+        self._worker_id = f"{self.name}/{self._service.id}"
         for spec in self.tasks:
             endpoint = spec.name.rsplit(".", 1)[-1]
             await add_endpoint(
@@ -246,7 +248,7 @@ class Agent:
 
     @property
     def worker_id(self) -> str:
-        return f"{self.name}/{self._service.id if self._service else '?'}"
+        return self._worker_id or f"{self.name}/?"
 
     def _direct(self, spec: TaskSpec[Any, Any]) -> Callable[[Request], Awaitable[bytes]]:
         def attributes() -> dict[str, str | int]:
@@ -309,21 +311,22 @@ class Agent:
         about = {"workflow.id": request.workflow_id, "task.ref": request.ref}
         name = f"process {msg.subject}"
         with tracing.span(name, SpanKind.CONSUMER, msg.headers, about, attributes) as trace:
-            result = TaskResult(
-                workflow_id=request.workflow_id,
-                ref=request.ref,
-                attempt=request.attempt,
-                status="COMPLETED",
-                started_at=utc_now(),
-                worker=self.worker_id,
-            )
+            started_at = utc_now()
             self._working[id(msg)] = msg
             clock = asyncio.get_running_loop().time
             began, outcome = clock(), "failed"
             try:
                 # Raw embeds the handler's encoded result as it is, without a decode.
                 encoded = await self._call(spec, request, lease)
-                result = msgspec.structs.replace(result, output=typing.cast(Json, encoded))
+                result = TaskResult(
+                    workflow_id=request.workflow_id,
+                    ref=request.ref,
+                    attempt=request.attempt,
+                    status="COMPLETED",
+                    output=typing.cast(Json, encoded),
+                    started_at=started_at,
+                    worker=self.worker_id,
+                )
                 outcome = "completed"
             except _Cancelled:
                 outcome = "cancelled"
@@ -348,13 +351,22 @@ class Agent:
                     retryable=not _terminal(exc),
                     task=spec.name,
                 )
-                result = msgspec.structs.replace(result, status="FAILED", error=failure)
+                result = TaskResult(
+                    workflow_id=request.workflow_id,
+                    ref=request.ref,
+                    attempt=request.attempt,
+                    status="FAILED",
+                    error=failure,
+                    started_at=started_at,
+                    worker=self.worker_id,
+                )
             finally:
                 self._working.pop(id(msg), None)
-                seconds = clock() - began
-                metrics().handler_duration.record(
-                    seconds, {"task.name": spec.name, "outcome": outcome}
-                )
+                meter = metrics()
+                if meter.enabled:  # without a meter the histogram is a no-op
+                    meter.handler_duration.record(
+                        clock() - began, {"task.name": spec.name, "outcome": outcome}
+                    )
             await self._reply(msg, result, trace)
             if lease is not None:
                 await lease.release()

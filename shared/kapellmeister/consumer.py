@@ -67,6 +67,7 @@ class PullWorker:
         self._inbox = nc.new_inbox()
         self._sub: Subscription | None = None
         self._keeper: asyncio.Task[None] | None = None
+        self._metrics = metrics()
 
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
@@ -141,8 +142,9 @@ class PullWorker:
             return
         self._requested = max(0, self._requested - 1)
         self._delivered += 1
-        if msg.metadata.num_delivered > 1:
-            metrics().redeliveries.add(1, {"messaging.destination.name": self._stream})
+        # Parsing the metadata from the reply subject costs; without a meter it counts nothing.
+        if self._metrics.enabled and msg.metadata.num_delivered > 1:
+            self._metrics.redeliveries.add(1, {"messaging.destination.name": self._stream})
         running = asyncio.create_task(self._run(msg))
         self._running.add(running)
         running.add_done_callback(self._running.discard)
