@@ -28,7 +28,7 @@ import contextlib
 import itertools
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import msgspec
 import nats.errors
@@ -95,6 +95,17 @@ def _hpub(subject: str, reply: str, headers: Mapping[str, str], payload: bytes) 
     )
 
 
+def _ack(reply: _Reply) -> PubAck:
+    """The ack in ``reply``, or the error it says as nats-py would raise it."""
+    if reply.error is not None:
+        error = reply.error
+        if error.err_code in _WRONG_LAST_SEQUENCE:
+            raise WrongLastSequence(error.description)
+        # nats-py's own classes by code: 400 BadRequestError, 503 ServiceUnavailable…
+        nats.js.errors.APIError.from_error(msgspec.structs.asdict(error))
+    return PubAck(stream=reply.stream, seq=reply.seq, duplicate=reply.duplicate)
+
+
 class WrongLastSequence(nats.js.errors.KeyWrongLastSequenceError):
     """The subject's last sequence was not the one expected: someone wrote first."""
 
@@ -156,13 +167,44 @@ class Publisher:
             reply = await future
         finally:
             self._waiting.pop(token, None)
-        if reply.error is not None:
-            error = reply.error
-            if error.err_code in _WRONG_LAST_SEQUENCE:
-                raise WrongLastSequence(error.description)
-            # nats-py's own classes by code: 400 BadRequestError, 503 ServiceUnavailable…
-            nats.js.errors.APIError.from_error(msgspec.structs.asdict(error))
-        return PubAck(stream=reply.stream, seq=reply.seq, duplicate=reply.duplicate)
+        return _ack(reply)
+
+    async def publish_all(
+        self, messages: Sequence[tuple[str, bytes, Mapping[str, str] | None]]
+    ) -> list[PubAck | Exception]:
+        """Store each ``(subject, payload, headers)``, all in flight at once; each one's
+        ack or error (as `publish` would raise it), in order. Cheaper than as many
+        `publish` calls gathered: one wait, no task per message."""
+        if self._sub is None:
+            raise nats.errors.ConnectionClosedError()
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self._timeout
+        tokens: list[str] = []
+        futures: list[asyncio.Future[_Reply]] = []
+        try:
+            for subject, payload, headers in messages:
+                token = str(next(self._counter))
+                future: asyncio.Future[_Reply] = loop.create_future()
+                self._waiting[token] = (future, deadline)
+                tokens.append(token)
+                futures.append(future)
+                await self._send(subject, f"{self._prefix}.{token}", payload, headers)
+            replies = await asyncio.gather(*futures, return_exceptions=True)
+        finally:
+            for token in tokens:
+                self._waiting.pop(token, None)
+        outcomes: list[PubAck | Exception] = []
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                if not isinstance(reply, Exception):
+                    raise reply
+                outcomes.append(reply)
+                continue
+            try:
+                outcomes.append(_ack(reply))
+            except nats.errors.Error as exc:
+                outcomes.append(exc)
+        return outcomes
 
     async def _send(
         self, subject: str, reply: str, payload: bytes, headers: Mapping[str, str] | None

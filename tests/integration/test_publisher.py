@@ -98,3 +98,22 @@ async def test_bad_subjects_and_header_names_are_refused_as_nats_py_refuses_them
         await publisher.publish("pub.a b", b"", {"Nats-Msg-Id": "s"})
     with pytest.raises(nats.errors.BadHeaderError):
         await publisher.publish("pub.n", b"", {"Bad Name": "v"})
+
+
+async def test_publish_all_gives_each_message_its_ack_or_its_error_in_order(js, publisher):
+    first = await publisher.publish("pub.k", b"1")
+    outcomes = await publisher.publish_all(
+        [
+            ("pub.a", b"a", None),
+            ("pub.k", b"2", {"Nats-Expected-Last-Subject-Sequence": "0"}),  # loses
+            ("nowhere", b"", None),
+            ("pub.b", b"b", {"Nats-Msg-Id": "b"}),
+        ]
+    )
+    stored_a, lost, nowhere, stored_b = outcomes
+    assert isinstance(lost, WrongLastSequence)
+    assert isinstance(nowhere, nats.errors.NoRespondersError)
+    assert not isinstance(stored_a, Exception) and not isinstance(stored_b, Exception)
+    assert (await js.get_msg("PUB", stored_a.seq)).data == b"a"
+    assert (await js.get_msg("PUB", stored_b.seq)).data == b"b"
+    assert (await js.get_last_msg("PUB", "pub.k")).seq == first.seq  # the lost write wrote nothing
