@@ -32,7 +32,6 @@ from kapellmeister.messages import (
     StartReply,
     TerminateRequested,
     WorkflowSummaries,
-    WorkflowSummary,
 )
 from kapellmeister.micro import add_endpoint
 
@@ -144,14 +143,8 @@ class _Api:
 
     async def list(self, request: Request) -> bytes:
         query = _decode_list(request.data or b"{}")
-        found = [
-            summary
-            async for summary in self.conductor.store.scan(WorkflowSummary)
-            if (query.status is None or summary.status == query.status)
-            and (query.workflow is None or summary.workflow == query.workflow)
-        ]
-        found.sort(key=lambda s: s.created_at, reverse=True)
-        return _encode(WorkflowSummaries(workflows=found[: query.limit]))
+        found = await self.conductor.index.newest(query.status, query.workflow, query.limit)
+        return _encode(WorkflowSummaries(workflows=found))
 
     async def signal(self, request: Request) -> bytes:
         workflow_id, ref = _workflow_id(request), _token(request, 3)

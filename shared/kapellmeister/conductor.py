@@ -26,6 +26,7 @@ import collections
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Mapping
 from typing import Final, NamedTuple
@@ -59,6 +60,7 @@ from kapellmeister.definitions import Definition, TenantConfig
 from kapellmeister.errors import KapellmeisterError
 from kapellmeister.expressions import Json
 from kapellmeister.gather import kv_key
+from kapellmeister.index import INDEX, IndexEntry, WorkflowIndex
 from kapellmeister.lease import LEASES, Look, cancel_if_silent, lease_key, look
 from kapellmeister.messages import (
     TERMINAL,
@@ -123,6 +125,7 @@ class Conductor:
         self._clock: ServerClock | None = None
         self._js: JetStreamContext | None = None
         self._store: SagaStore | None = None
+        self._index: WorkflowIndex | None = None
         self._publisher: Publisher | None = None
         self._definitions: DefinitionStore | None = None
         self._service: Service | None = None
@@ -139,6 +142,8 @@ class Conductor:
         # republish that was acknowledged can still be lost to a server crash), not at
         # every sweep while a long task runs.
         self._redriven: dict[str, _Redrive] = {}
+        # Set once the index was reconciled and the first sweep ran (tests wait on it).
+        self.swept = asyncio.Event()
 
     @property
     def js(self) -> JetStreamContext:
@@ -172,6 +177,11 @@ class Conductor:
         return self._definitions
 
     @property
+    def index(self) -> WorkflowIndex:
+        assert self._index is not None, "start() first"
+        return self._index
+
+    @property
     def publisher(self) -> Publisher:
         assert self._publisher is not None, "start() first"
         return self._publisher
@@ -192,6 +202,10 @@ class Conductor:
         await self._clock.sync()
         buckets = await ensure_buckets(self._js, settings.replicas, owner=True)
         self._store = SagaStore(buckets["workflows"], self._publisher)
+        self._index = WorkflowIndex(
+            buckets[INDEX], buckets["workflows"], self._publisher, flush_s=settings.index_flush_s
+        )
+        await self._index.start()
         self._leases = buckets[LEASES]
         self._tenants = buckets["tenants"]
         self._definitions = DefinitionStore(buckets["definitions"], buckets["tasks"], self.registry)
@@ -244,6 +258,8 @@ class Conductor:
             await stop_service(self._service)
         if self._definitions is not None:
             await _bounded("definitions watch", self._definitions.stop(), 5.0)
+        if self._index is not None:
+            await _bounded("index", self._index.stop(), 5.0)
         if self._publisher is not None:
             await _bounded("publisher", self._publisher.stop(), 5.0)
 
@@ -341,6 +357,7 @@ class Conductor:
                 metrics().conflicts.add(1)
                 fresh = True
                 continue
+            self.index.note(state, decision.state)
             metrics().saga_written(state, decision.state)
             return decision, True
 
@@ -622,10 +639,10 @@ class Conductor:
             current = loaded.state
             if current is None or current.unpublished != cause:
                 return
+            published = msgspec.structs.replace(current, unpublished="")
             try:
-                await self.store.save(
-                    msgspec.structs.replace(current, unpublished=""), loaded.revision
-                )
+                await self.store.save(published, loaded.revision)
+                self.index.note(current, published)
                 return
             except CasConflict:
                 fresh = True
@@ -850,18 +867,23 @@ class Conductor:
         now = await self.clock.sync()
         # Leave alone what was written in the last few seconds: its writer is most likely
         # publishing right now, and a republish would only be a duplicate to drop.
-        recent, expired = await self._to_sweep(utc_shift(now, -self.settings.sweep_grace_s), now)
+        newest = utc_shift(now, -self.settings.sweep_grace_s)
+        active, expired = await self._to_sweep(now)
         await self._expire(expired, now)
         count = 0
         recovery = Recovery(self.js)  # one scan per subject for the whole sweep
-        self._redriven = {k: v for k, v in self._redriven.items() if recent.get(k) == v.updated_at}
+        # Backoff is forgotten for what is no longer active; a change resets it on load.
+        self._redriven = {k: v for k, v in self._redriven.items() if k in active}
         clock = asyncio.get_running_loop().time()
-        for workflow_id in recent:
+        for workflow_id in active:
             last = self._redriven.get(workflow_id)
             if last is not None and clock < last.next_at:
                 continue
             state = (await self.store.load(workflow_id, fresh=True)).state
-            if state is None:
+            if state is None or state.updated_at > newest:
+                continue  # gone, or just written: its writer is most likely publishing
+            if state.status in TERMINAL and not state.unpublished:
+                self.index.note(active[workflow_id], state)  # the index was behind
                 continue
             definition = await self.definitions.get(state.workflow, state.version)
             causes = {t.cause for t in state.tasks if t.status in {"SCHEDULED", "IN_PROGRESS"}}
@@ -885,27 +907,40 @@ class Conductor:
         await self._count_deadletters()  # a figure for a gauge, after the work that matters
         return count
 
-    async def _to_sweep(self, newest: str, now: str) -> tuple[dict[str, str], list[str]]:
-        """The workflows to look at (``updated_at`` by id): running or `unpublished`, and
-        not written after ``newest``; and the finished ones past their retention. Counts
-        the running ones by name for the gauge."""
-        found: dict[str, str] = {}
-        expired: list[str] = []
+    async def _to_sweep(self, now: str) -> tuple[dict[str, IndexEntry], list[IndexEntry]]:
+        """The workflows to look at, as the index has them: running, paused or
+        `unpublished`; and the finished ones past their retention. Counts the running
+        ones by name for the gauge."""
+        found: dict[str, IndexEntry] = {}
         running: collections.Counter[str] = collections.Counter()
-        async for head in self.store.scan(_SweepHead):
-            if head.status not in TERMINAL:
-                running[head.workflow] += 1
-            if head.updated_at <= newest and (head.status not in TERMINAL or head.unpublished):
-                found[head.workflow_id] = head.updated_at
-            elif head.status in TERMINAL and self._past_retention(head, now):
-                expired.append(head.workflow_id)
+        for entry in await self.index.active():
+            if entry.status not in TERMINAL:
+                running[entry.workflow] += 1
+            found[entry.workflow_id] = entry
         gauges = metrics()
         # Every name seen, and every one served, reports (0 is a value, absence is not).
         names = {*gauges.running, *running, *self.registry.names()}
         gauges.running = {name: running[name] for name in names}
-        return found, expired
+        return found, await self._past_retentions(now)
 
-    def _past_retention(self, head: _SweepHead, now: str) -> bool:
+    async def _past_retentions(self, now: str) -> list[IndexEntry]:
+        """Finished workflows past their retention, oldest first, by name: the index is
+        read only as far as the shortest retention of the name's versions reaches."""
+        expired: list[IndexEntry] = []
+        for name in self.registry.names():
+            retentions = [
+                self.registry.get(name, version).spec.retention_s or self.settings.retention_s
+                for version in self.registry.versions(name)
+            ]
+            shortest = min((r for r in retentions if r is not None), default=None)
+            if shortest is None:
+                continue
+            for entry in await self.index.finished(name, utc_shift(now, -shortest)):
+                if self._past_retention(entry, now):
+                    expired.append(entry)
+        return expired
+
+    def _past_retention(self, head: IndexEntry, now: str) -> bool:
         """Whether a finished workflow's retention (its definition's ``retention_s``,
         else the setting) has run out since it was last written."""
         try:
@@ -915,12 +950,13 @@ class Conductor:
         retention = retention or self.settings.retention_s
         return retention is not None and head.updated_at <= utc_shift(now, -retention)
 
-    async def _expire(self, workflow_ids: list[str], now: str) -> None:
+    async def _expire(self, expired: list[IndexEntry], now: str) -> None:
         """Remove finished workflows past their retention from KV: a purge (every
         revision) that only happens if the saga is still the one the sweep saw finished
         (a retry may just have made it run again), leaving a marker that goes in a day."""
         kv = self.store.kv
-        for workflow_id in workflow_ids:
+        for indexed in expired:
+            workflow_id = indexed.workflow_id
             try:
                 entry = await kv.get(workflow_id)
                 head = _decode_head(entry.value or b"{}")
@@ -939,10 +975,12 @@ class Conductor:
                     msg_ttl=PURGE_MARKER_TTL_S,
                 )
             except KeyNotFoundError:
+                self.index.note(indexed, None)  # gone already: so goes its index entry
                 continue
             except (TimeoutError, nats.errors.Error) as exc:  # changed under us, or NATS away
                 log.info("%s not expired this sweep: %r", workflow_id, exc)
                 continue
+            self.index.note(indexed, None)
             self.store.forget(workflow_id)
             metrics().expired.add(1, {"workflow.name": head.workflow})
             log.info("%s expired: finished, past its retention", workflow_id)
@@ -957,13 +995,25 @@ class Conductor:
             log.warning("dead letters not counted: %s", exc)
 
     async def _sweep_forever(self) -> None:
+        """Sweep every ``sweep_interval_s``; first, and every ``index_reconcile_s``,
+        rebuild the index from the sagas (what a crashed process left unwritten, or a
+        bucket from before the index), so a sweep after a restart sees every workflow."""
+        loop = asyncio.get_running_loop()
+        reconciled = -math.inf
         while True:
+            if loop.time() - reconciled >= self.settings.index_reconcile_s:
+                try:
+                    await self.index.reconcile()
+                    reconciled = loop.time()
+                except (TimeoutError, nats.errors.Error) as exc:
+                    log.warning("index not reconciled: %r", exc)
             try:
                 swept = await self.sweep()
                 if swept:
                     log.info("sweeper re-drove %d workflows", swept)
             except (TimeoutError, nats.errors.Error) as exc:
                 log.warning("sweep failed: %s", exc)
+            self.swept.set()
             await asyncio.sleep(self.settings.sweep_interval_s)
 
 
@@ -1032,18 +1082,7 @@ class _Redrive(NamedTuple):
     next_at: float
 
 
-class _SweepHead(msgspec.Struct, frozen=True):
-    """The few saga fields the sweeper reads to choose what to reload."""
-
-    workflow_id: str
-    status: str
-    updated_at: str
-    workflow: str = ""
-    version: int = 1
-    unpublished: str = ""
-
-
-_decode_head = msgspec.json.Decoder(_SweepHead).decode
+_decode_head = msgspec.json.Decoder(IndexEntry).decode
 
 
 def _fact(result: TaskResult, at: str, task: str = "") -> Fact:

@@ -47,6 +47,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     sweep_interval_s: float = 30.0
     # The sweeper leaves workflows updated in the last few seconds to their writer.
     sweep_grace_s: float = 5.0
+    # The workflow index (`conductor.list`, the sweeper) follows the sagas this much later.
+    index_flush_s: Annotated[float, msgspec.Meta(gt=0)] = 0.25
+    # And is rebuilt from the sagas at start and this often (seconds), to mend what a
+    # crashed process left unwritten.
+    index_reconcile_s: Annotated[float, msgspec.Meta(gt=0)] = 900.0
     # After SIGTERM, how long a service may take to finish what runs and drain before it
     # exits anyway (unfinished work is redelivered); under docker stop's 10 s.
     shutdown_s: float = 8.0

@@ -187,13 +187,3 @@ class SagaStore:
         """Put ``value`` if the key's last revision is ``revision`` (0: none yet)."""
         expected = {"Nats-Expected-Last-Subject-Sequence": str(revision)}
         return (await self._publisher.publish(self._subject + key, value, expected)).seq
-
-    async def scan(self, as_type: type[T]) -> AsyncIterator[T]:
-        """Every stored saga, latest revision each, decoded as ``as_type``.
-
-        ``as_type`` may be a struct with a few of the saga's fields (unknown fields are
-        ignored), so a listing or a sweep pays only for what it reads.
-        """
-        decode = msgspec.json.Decoder(as_type).decode
-        async for _, value in read_bucket(self.kv):
-            yield decode(value)

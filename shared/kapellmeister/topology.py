@@ -20,7 +20,8 @@ conductor's redelivery (ack wait 30 s) with room to spare.
 KV buckets: ``workflows`` (one key per workflow, 5 revisions kept so ``nats kv history``
 shows the last steps), ``definitions``, ``tasks`` (the agent registry), ``leases``
 (heartbeats of running attempts whose task has a ``response_timeout_s``; see
-`kapellmeister.lease`), ``gathers`` (scatter-gather groups, `kapellmeister.gather`).
+`kapellmeister.lease`), ``gathers`` (scatter-gather groups, `kapellmeister.gather`),
+``workflow_index`` (workflows by status and name, `kapellmeister.index`).
 """
 
 from __future__ import annotations
@@ -82,13 +83,14 @@ BUCKETS: Final = {
     "leases": 1,
     "gathers": 1,
     "tenants": 5,
+    "workflow_index": 1,
 }
 # A lease outlives its attempt by at most a day (a crashed agent never deletes it); a
 # scatter-gather group is kept a week.
 _TTL_S: Final = {"leases": DAY_S, "gathers": 7 * DAY_S}
 # Buckets whose messages may carry their own TTL: the marker a retention purge leaves
 # in `workflows` goes by itself (nats-server 2.11+).
-_MESSAGE_TTL: Final = frozenset({"workflows"})
+_MESSAGE_TTL: Final = frozenset({"workflows", "workflow_index"})
 # How long that marker stays: `nats kv get` says "deleted" rather than "not found".
 PURGE_MARKER_TTL_S: Final = DAY_S
 

@@ -319,7 +319,11 @@ async def test_sweeper_redrives_a_start_that_crashed_before_publishing(nc, js, s
     fact = Started(workflow_id="orphan", workflow="plan_day", version=1, input=WORKDAY, at=ago)
     decision = decide(registry().get("plan_day"), None, fact)
     assert decision.state is not None
-    await stack.store.save(decision.state, 0)
+    await stack.store.save(decision.state, 0)  # the crashed process noted nothing in the index
+    await stack.sweep()
+    assert (await saga(js, "orphan"))["status"] == "RUNNING"  # unseen until reconciled
+    # A conductor reconciles the index with the sagas as it starts (a crashed one restarts).
+    await stack.index.reconcile()
     await stack.sweep()
     state = (await wait_finished(js, ["orphan"]))["orphan"]
     assert state["output"] == {"activity": "work"}

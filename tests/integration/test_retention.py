@@ -9,8 +9,9 @@ import msgspec
 import pytest
 
 from kapellmeister.conductor import Conductor
+from kapellmeister.index import INDEX
 from kapellmeister.registry import Registry
-from tests.support import assert_error, body, call, find_saga, wait_finished
+from tests.support import assert_error, body, call, find_saga, stored_keys, wait_finished
 
 
 def held(name: str, retention_s: float | None) -> dict[str, object]:
@@ -62,6 +63,8 @@ async def test_a_finished_workflow_goes_after_its_retention_and_a_running_one_st
     assert (marker.headers or {})["KV-Operation"] == "PURGE"
     assert "Nats-TTL" in (marker.headers or {})  # the marker goes too, in a day
     assert_error(await call(nc, "conductor.get.brief-done"), 404)
+    await conductor.index.flush(held=False)  # and so is its index entry
+    assert await stored_keys(js, INDEX) == ["s.RUNNING.brief.brief-running"]
     await asyncio.sleep(2.0)  # two more sweeps
     assert body(await call(nc, "conductor.get.brief-running"))["status"] == "RUNNING"
 
