@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
@@ -125,6 +126,12 @@ def run_service(name: str, main: ServiceMain, settings: Settings | None = None) 
         if not service.cancelled():
             service.result()
 
+    # What is loaded by now lives as long as the process: out of the collector's sight.
+    # And a collection per 20,000 new objects, not per 700: a service allocates a few
+    # hundred per message, almost none of them in cycles (measured in the conductor at
+    # 2,000 workflows/s: 425 collections, 13% of its CPU).
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
     try:
         try:
             import uvloop
