@@ -46,8 +46,9 @@ __all__ = ["INDEX", "IndexEntry", "WorkflowIndex"]
 log = logging.getLogger("kapellmeister.index")
 
 INDEX: Final = "workflow_index"
-# A removed key leaves a purge marker; it goes by itself after this long.
-_MARKER_TTL_S: Final = 60
+# A removed key leaves a purge marker that goes a second later (the least a TTL can
+# be): markers match the readers' filters, and a bucket full of them would be read.
+_MARKER_TTL_S: Final = 1
 # A removed key: a purge marker that goes by itself.
 _REMOVE: Final = {"KV-Operation": "PURGE", "Nats-Rollup": "sub", "Nats-TTL": str(_MARKER_TTL_S)}
 # How long a new workflow's first index write waits for it to end (seconds).
@@ -221,11 +222,10 @@ class WorkflowIndex:
 
     # --- reading --------------------------------------------------------------------------------
 
-    async def _read(
-        self, filters: Iterable[str], start: int = 1, end: int | None = None
-    ) -> AsyncIterator[tuple[int, str, IndexEntry]]:
-        """``(sequence, key, entry)`` of the keys matching ``filters``, in stream order,
-        from sequence ``start`` to ``end`` (default: the last now)."""
+    async def _subscribe(
+        self, filters: Iterable[str], start: int = 1
+    ) -> JetStreamContext.PullSubscription:
+        """An ephemeral reader of the keys matching ``filters`` from sequence ``start``."""
         subjects = [self._prefix + f for f in filters]
         config = ConsumerConfig(
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
@@ -236,7 +236,29 @@ class WorkflowIndex:
             num_replicas=1,
             filter_subjects=subjects if len(subjects) > 1 else None,
         )
-        sub = await self._js.pull_subscribe(subjects[0], stream=self._stream, config=config)
+        return await self._js.pull_subscribe(subjects[0], stream=self._stream, config=config)
+
+    async def _unsubscribe(self, sub: JetStreamContext.PullSubscription) -> None:
+        # Not left to its inactivity timeout: a list or sweep every few seconds would
+        # pile them up. nats-py named the consumer: no round trip to learn it.
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+            await self._js.delete_consumer(self._stream, sub._consumer)
+
+    async def _count(self, filters: Iterable[str]) -> int:
+        """How many entries match ``filters`` (purge markers included)."""
+        sub = await self._subscribe(filters)
+        try:
+            return (await sub.consumer_info()).num_pending or 0
+        finally:
+            await self._unsubscribe(sub)
+
+    async def _read(
+        self, filters: Iterable[str], start: int = 1, end: int | None = None
+    ) -> AsyncIterator[tuple[int, str, IndexEntry]]:
+        """``(sequence, key, entry)`` of the keys matching ``filters``, in stream order,
+        from sequence ``start`` to ``end`` (default: the last now)."""
+        sub = await self._subscribe(filters, start)
         try:
             # Nothing to read: known now, not after a fetch's wait.
             if (await sub.consumer_info()).num_pending == 0:
@@ -259,35 +281,43 @@ class WorkflowIndex:
                     if msg.metadata.num_pending == 0:
                         return
         finally:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
-                await self._js.delete_consumer(self._stream, sub._consumer)
+            await self._unsubscribe(sub)
 
     async def newest(
         self, status: str | None = None, workflow: str | None = None, limit: int = 100
     ) -> list[WorkflowSummary]:
         """Up to ``limit`` workflows, newest first, each as its saga says now. What this
-        process noted is written first (another replica's notes are ``flush_s`` away)."""
+        process noted is written first (another replica's notes are ``flush_s`` away).
+
+        The stream is read backwards in windows sized from how many keys match, so a
+        window holds about twice ``limit`` of them however rare they are; each row is
+        checked against its saga, and only as many as are still needed."""
         await self.flush(held=False)
         pattern = f"s.{status or '*'}.{workflow or '*'}.*"
         state = (await self._js.stream_info(self._stream)).state
         first, end = state.first_seq, state.last_seq
-        window = max(4 * limit, 256)
+        matching = await self._count([pattern]) if end >= first and end > 0 else 0
+        if matching == 0:
+            return []
+        window = max(4 * limit, 256, 2 * limit * (end - first + 1) // matching)
         found: list[WorkflowSummary] = []
         seen: set[str] = set()
-        while len(found) < limit and end >= first and end > 0:
+        while len(found) < limit and end >= first:
             start = max(first, end - window + 1)
             rows = [row async for row in self._read([pattern], start, end)]
             rows.reverse()  # newest first
-            fresh = [(key, entry) for _, key, entry in rows if entry.workflow_id not in seen]
-            seen.update(entry.workflow_id for _, entry in fresh)
-            for entry in await self._checked(fresh):
-                if (status is None or entry.status == status) and (
-                    workflow is None or entry.workflow == workflow
-                ):
-                    found.append(entry.summary())
+            candidates = [(key, entry) for _, key, entry in rows if entry.workflow_id not in seen]
+            seen.update(entry.workflow_id for _, entry in candidates)
+            while candidates and len(found) < limit:
+                wanted = limit - len(found)
+                batch, candidates = candidates[:wanted], candidates[wanted:]
+                for entry in await self._checked(batch):
+                    if (status is None or entry.status == status) and (
+                        workflow is None or entry.workflow == workflow
+                    ):
+                        found.append(entry.summary())
             end, window = start - 1, window * 2
-        return found[:limit]
+        return found
 
     async def _checked(self, rows: list[tuple[str, IndexEntry]]) -> list[IndexEntry]:
         """Each row as its saga says now (gone: dropped); a row that differs is mended."""
