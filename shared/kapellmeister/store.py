@@ -137,7 +137,8 @@ class SagaStore:
         except KeyNotFoundError:
             return Versioned(None, 0)
         versioned = Versioned(_decode(entry.value or b""), entry.revision or 0)
-        self._remember(workflow_id, versioned)
+        if versioned.state is not None and versioned.state.status not in TERMINAL:
+            self._remember(workflow_id, versioned)  # as `save` does: running ones only
         return versioned
 
     async def save(self, state: Saga, revision: int) -> int:
