@@ -8,7 +8,7 @@ On an embedded nats-server (JetStream, file storage, a temporary directory):
    then waits for its agenda task; the conductor's RSS with all of them in flight;
 2. the agents start: those complete, and more are started until ``--finished`` have
    completed; the conductor's RSS, and the size of the ``workflows`` bucket on disk
-   (every revision it keeps: 5 per key);
+   (every revision it keeps: 5 per key) and of the ``workflow_index`` bucket;
 3. with all of them stored: ``conductor.get`` of random workflows (p50/p99 of 200, one
    at a time) and ``conductor.list`` (newest 50; filtered by status; by status and
    workflow), each 5 times.
@@ -129,6 +129,13 @@ async def amain(args: argparse.Namespace) -> int:
             (
                 "workflows bucket",
                 f"{info.state.bytes / 2**20:,.1f} MiB, {info.state.messages:,} revisions",
+            )
+        )
+        index = await nc.jetstream().stream_info("KV_workflow_index")
+        rows.append(
+            (
+                "workflow_index bucket",
+                f"{index.state.bytes / 2**20:,.1f} MiB, {index.state.messages:,} entries",
             )
         )
         ids = [f"scale-{random.randrange(args.finished)}" for _ in range(200)]

@@ -127,11 +127,11 @@ def run_service(name: str, main: ServiceMain, settings: Settings | None = None) 
             service.result()
 
     # What is loaded by now lives as long as the process: out of the collector's sight.
-    # And a collection per 20,000 new objects, not per 700: a service allocates a few
+    # And a collection per 10,000 new objects, not per 700: a service allocates a few
     # hundred per message, almost none of them in cycles (measured in the conductor at
     # 2,000 workflows/s: 425 collections, 13% of its CPU).
     gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
+    gc.set_threshold(10_000, 10, 10)
     try:
         try:
             import uvloop
