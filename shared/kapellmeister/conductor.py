@@ -951,39 +951,44 @@ class Conductor:
         return retention is not None and head.updated_at <= utc_shift(now, -retention)
 
     async def _expire(self, expired: list[IndexEntry], now: str) -> None:
-        """Remove finished workflows past their retention from KV: a purge (every
-        revision) that only happens if the saga is still the one the sweep saw finished
-        (a retry may just have made it run again), leaving a marker that goes in a day."""
+        """Remove finished workflows past their retention from KV, 64 at a time."""
+        for i in range(0, len(expired), 64):
+            await asyncio.gather(*(self._expire_one(e, now) for e in expired[i : i + 64]))
+
+    async def _expire_one(self, indexed: IndexEntry, now: str) -> None:
+        """A purge (every revision) that only happens if the saga is still the one the
+        sweep saw finished (a retry may just have made it run again), leaving a marker
+        that goes in a day."""
         kv = self.store.kv
-        for indexed in expired:
-            workflow_id = indexed.workflow_id
-            try:
-                entry = await kv.get(workflow_id)
-                head = _decode_head(entry.value or b"{}")
-                # Read again: a retry may have run it again, and even finished it anew.
-                if head.status not in TERMINAL or head.unpublished:
-                    continue
-                if not self._past_retention(head, now):
-                    continue
-                await self.js.publish(
-                    self.store.subject(workflow_id),
-                    headers={
-                        "KV-Operation": "PURGE",
-                        "Nats-Rollup": "sub",
-                        "Nats-Expected-Last-Subject-Sequence": str(entry.revision),
-                    },
-                    msg_ttl=PURGE_MARKER_TTL_S,
-                )
-            except KeyNotFoundError:
-                self.index.note(indexed, None)  # gone already: so goes its index entry
-                continue
-            except (TimeoutError, nats.errors.Error) as exc:  # changed under us, or NATS away
-                log.info("%s not expired this sweep: %r", workflow_id, exc)
-                continue
-            self.index.note(indexed, None)
-            self.store.forget(workflow_id)
-            metrics().expired.add(1, {"workflow.name": head.workflow})
-            log.info("%s expired: finished, past its retention", workflow_id)
+        workflow_id = indexed.workflow_id
+        try:
+            entry = await kv.get(workflow_id)
+            head = _decode_head(entry.value or b"{}")
+            # Read again: a retry may have run it again, and even finished it anew.
+            if head.status not in TERMINAL or head.unpublished:
+                self.index.note(indexed, head)  # the index was behind: mend its keys
+                return
+            if not self._past_retention(head, now):
+                return
+            await self.js.publish(
+                self.store.subject(workflow_id),
+                headers={
+                    "KV-Operation": "PURGE",
+                    "Nats-Rollup": "sub",
+                    "Nats-Expected-Last-Subject-Sequence": str(entry.revision),
+                },
+                msg_ttl=PURGE_MARKER_TTL_S,
+            )
+        except KeyNotFoundError:
+            self.index.note(indexed, None)  # gone already: so goes its index entry
+            return
+        except (TimeoutError, nats.errors.Error) as exc:  # changed under us, or NATS away
+            log.info("%s not expired this sweep: %r", workflow_id, exc)
+            return
+        self.index.note(indexed, None)
+        self.store.forget(workflow_id)
+        metrics().expired.add(1, {"workflow.name": head.workflow})
+        log.info("%s expired: finished, past its retention", workflow_id)
 
     async def _count_deadletters(self) -> None:
         gauges = metrics()

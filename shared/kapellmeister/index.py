@@ -49,6 +49,10 @@ INDEX: Final = "workflow_index"
 # A removed key leaves a purge marker that goes a second later (the least a TTL can
 # be): markers match the readers' filters, and a bucket full of them would be read.
 _MARKER_TTL_S: Final = 1
+# A read that gets nothing this long while the server still counts some pending ends.
+_QUIET_S: Final = 10.0
+# Index writes sent at once, at most (each chunk waits for its acks).
+_CHUNK: Final = 2_000
 # A removed key: a purge marker that goes by itself.
 _REMOVE: Final = {"KV-Operation": "PURGE", "Nats-Rollup": "sub", "Nats-TTL": str(_MARKER_TTL_S)}
 # How long a new workflow's first index write waits for it to end (seconds).
@@ -114,6 +118,7 @@ class _Note(NamedTuple):
     before: frozenset[str]  # keys the index may hold for the workflow now
     after: IndexEntry | None  # what it should hold (None: nothing, the saga is gone)
     due: float = 0.0  # not written before this (loop time)
+    again: bool = False  # a failed write: put every key of ``after``, held or not
 
 
 class WorkflowIndex:
@@ -157,9 +162,10 @@ class WorkflowIndex:
         # A new workflow's first key waits a moment: most end soon, and then one write
         # (its last status) does for both.
         due = old.due if old is not None else 0.0
-        if old is None and before is None:
+        if old is None and before is None and now is not None and not now.unpublished:
             due = asyncio.get_running_loop().time() + _NEW_HOLD_S
-        self._notes[workflow_id] = _Note(old_keys, now, due)
+        again = old is not None and old.again
+        self._notes[workflow_id] = _Note(old_keys, now, due, again)
 
     async def start(self) -> None:
         self._flusher = asyncio.create_task(self._flush_forever(), name="index flusher")
@@ -196,29 +202,43 @@ class WorkflowIndex:
             owners: list[str] = []  # the workflow of each message
             for workflow_id, note in notes.items():
                 after = keys_of(note.after)
-                if after == note.before:
+                if after == note.before and not note.again:
                     continue
                 value = _encode(note.after) if note.after is not None else b""
-                for key in after - note.before:
+                for key in after if note.again else after - note.before:
                     messages.append((self._prefix + key, value, None))
                     owners.append(workflow_id)
                 for key in note.before - after:
                     messages.append((self._prefix + key, b"", _REMOVE))
                     owners.append(workflow_id)
-            if not messages:
-                return
-            outcomes = await self._publisher.publish_all(messages)
-            failed = {w for w, o in zip(owners, outcomes, strict=True) if isinstance(o, Exception)}
-            for workflow_id in failed:
-                # Noted again: whatever of it may have landed counts as held.
-                note, newer = notes[workflow_id], self._notes.get(workflow_id)
-                maybe = note.before | keys_of(note.after)
-                if newer is not None:
-                    maybe |= newer.before
-                latest = newer.after if newer is not None else note.after
-                self._notes[workflow_id] = _Note(maybe, latest)
+            failed: set[str] = set()
+            try:
+                for i in range(0, len(messages), _CHUNK):  # a reconcile may mend 100,000
+                    chunk = messages[i : i + _CHUNK]
+                    outcomes = await self._publisher.publish_all(chunk)
+                    failed.update(
+                        w
+                        for w, o in zip(owners[i : i + _CHUNK], outcomes, strict=True)
+                        if isinstance(o, Exception)
+                    )
+            except BaseException:  # NATS away, stopped, cancelled: none of it is lost
+                failed = set(notes)
+                raise
+            finally:
+                self._renote(notes, failed)
             if failed:
                 raise nats.errors.Error(f"index writes of {len(failed)} workflows failed")
+
+    def _renote(self, notes: dict[str, _Note], failed: set[str]) -> None:
+        """Note again what a flush failed to write: whatever of it may have landed counts
+        as held, and a change noted since stays the one to write."""
+        for workflow_id in failed:
+            note, newer = notes[workflow_id], self._notes.get(workflow_id)
+            maybe = note.before | keys_of(note.after)
+            if newer is not None:
+                maybe |= newer.before
+            latest = newer.after if newer is not None else note.after
+            self._notes[workflow_id] = _Note(maybe, latest, again=True)
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -259,17 +279,23 @@ class WorkflowIndex:
         """``(sequence, key, entry)`` of the keys matching ``filters``, in stream order,
         from sequence ``start`` to ``end`` (default: the last now)."""
         sub = await self._subscribe(filters, start)
+        loop = asyncio.get_running_loop()
         try:
             # Nothing to read: known now, not after a fetch's wait.
             if (await sub.consumer_info()).num_pending == 0:
                 return
+            deadline = loop.time() + _QUIET_S
             while True:
                 try:
                     messages = await sub.fetch(1000, timeout=1.0)
                 except nats.errors.TimeoutError:
                     if (await sub.consumer_info()).num_pending == 0:
                         return
+                    if loop.time() > deadline:  # a reconnect lost the rest: end, do not hang
+                        log.warning("reading the index: no end after %.0fs", _QUIET_S)
+                        return
                     continue
+                deadline = loop.time() + _QUIET_S
                 for msg in messages:
                     seq = msg.metadata.sequence.stream
                     if end is not None and seq > end:
@@ -293,7 +319,7 @@ class WorkflowIndex:
         window holds about twice ``limit`` of them however rare they are; each row is
         checked against its saga, and only as many as are still needed."""
         await self.flush(held=False)
-        pattern = f"s.{status or '*'}.{workflow or '*'}.*"
+        pattern = f"s.{status or '*'}.{'*' if workflow is None else workflow}.*"
         state = (await self._js.stream_info(self._stream)).state
         first, end = state.first_seq, state.last_seq
         matching = await self._count([pattern]) if end >= first and end > 0 else 0
@@ -347,14 +373,14 @@ class WorkflowIndex:
             found[entry.workflow_id] = entry
         return list(found.values())
 
-    async def finished(self, workflow: str, cutoff: str, at_most: int = 1000) -> list[IndexEntry]:
+    async def finished(self, workflow: str, cutoff: str) -> list[IndexEntry]:
         """Finished workflows of ``workflow`` last written at or before ``cutoff``,
         oldest first: the index is read from its start and no further than the first
-        newer one (so a sweep reads what it expires, and one more)."""
+        newer one (so a sweep reads what it may expire, and one more)."""
         filters = [f"s.{status}.{workflow}.*" for status in sorted(TERMINAL)]
         found: list[IndexEntry] = []
         async for _, _, entry in self._read(filters):
-            if entry.updated_at > cutoff or len(found) >= at_most:
+            if entry.updated_at > cutoff:
                 break
             found.append(entry)
         return found
@@ -390,4 +416,4 @@ class WorkflowIndex:
             note = self._notes.get(workflow_id)
             before = keys | (note.before if note is not None else frozenset())
             after = note.after if note is not None else sagas[workflow_id]
-            self._notes[workflow_id] = _Note(before, after)
+            self._notes[workflow_id] = _Note(before, after, again=note is not None and note.again)

@@ -498,7 +498,8 @@ class ListRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """``conductor.list``: filters, all optional; newest first."""
 
     status: WorkflowStatus | None = None
-    workflow: str | None = None
+    # A definition's name (definitions.NAME_PATTERN): it goes into a subject filter.
+    workflow: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
 
 

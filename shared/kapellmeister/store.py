@@ -135,10 +135,13 @@ class SagaStore:
         try:
             entry = await self.kv.get(workflow_id)
         except KeyNotFoundError:
+            self.forget(workflow_id)
             return Versioned(None, 0)
         versioned = Versioned(_decode(entry.value or b""), entry.revision or 0)
         if versioned.state is not None and versioned.state.status not in TERMINAL:
             self._remember(workflow_id, versioned)  # as `save` does: running ones only
+        else:
+            self.forget(workflow_id)  # no older running state left to decide on
         return versioned
 
     async def save(self, state: Saga, revision: int) -> int:

@@ -158,6 +158,8 @@ async def test_traceparent_header_sets_the_workflow_trace(nc, js, stack):
         ("conductor.list", {"statu": "RUNNING"}, None, 400, "statu"),
         ("conductor.list", {"status": "DONE"}, None, 400, "$.status"),
         ("conductor.list", {"limit": 0}, None, 400, "$.limit"),
+        ("conductor.list", {"workflow": "*"}, None, 400, "$.workflow"),
+        ("conductor.list", {"workflow": ""}, None, 400, "$.workflow"),
     ],
 )
 async def test_bad_requests_get_an_error_and_change_nothing(

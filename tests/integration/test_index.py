@@ -120,3 +120,14 @@ async def test_reconcile_rebuilds_the_index_from_the_sagas(nc, js, conductor):
     assert await stored_keys(js, INDEX) == ["s.COMPLETED.instant.i-3", "s.RUNNING.held.h-2"]
     assert await conductor.index.reconcile() == 0
     assert [e.workflow_id for e in await conductor.index.active()] == ["h-2"]
+
+
+async def test_a_flush_that_cannot_write_keeps_its_notes(nc, js, conductor):
+    await start(nc, "held", "h-3")  # noted, held a second as new
+    await conductor.publisher.stop()  # as if NATS went away mid-flush
+    with pytest.raises(Exception):  # noqa: B017 - whichever error nats-py gives
+        await conductor.index.flush(held=False)
+    assert "h-3" in conductor.index._notes
+    await conductor.publisher.start()
+    await conductor.index.flush(held=False)
+    assert await stored_keys(js, INDEX) == ["s.RUNNING.held.h-3"]
