@@ -32,6 +32,7 @@ from kapellmeister.expressions import (
     paths,
     switch_key,
 )
+from kapellmeister.messages import NAME_PATTERN
 
 __all__ = [
     "After",
@@ -61,7 +62,6 @@ __all__ = [
     "subject_matches",
 ]
 
-NAME_PATTERN: Final = r"^[A-Za-z0-9_-]{1,64}$"
 REF_PATTERN: Final = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 TASK_PATTERN: Final = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
 SUBJECT_PATTERN: Final = r"^events(\.[A-Za-z0-9_-]+)+$"

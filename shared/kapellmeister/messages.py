@@ -57,6 +57,7 @@ __all__ = [
     "TaskRequest",
     "TaskResult",
     "TaskStatus",
+    "NAME_PATTERN",
     "WORKFLOW_ID_PATTERN",
     "WorkflowStatus",
     "WorkflowSummary",
@@ -69,6 +70,8 @@ __all__ = [
 # A workflow id: it is a KV key and a subject token (results.<workflow_id>), so no dots.
 # Use fullmatch: with match, `$` would let a trailing newline through.
 WORKFLOW_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_=-]{1,128}")
+# A definition's name: a subject token (conductor.start.<name>) and a KV key part.
+NAME_PATTERN: Final = r"^[A-Za-z0-9_-]{1,64}$"
 
 WorkflowStatus = Literal["RUNNING", "PAUSED", "COMPLETED", "FAILED", "TIMED_OUT", "TERMINATED"]
 TaskStatus = Literal[
@@ -498,8 +501,8 @@ class ListRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """``conductor.list``: filters, all optional; newest first."""
 
     status: WorkflowStatus | None = None
-    # A definition's name (definitions.NAME_PATTERN): it goes into a subject filter.
-    workflow: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
+    # It goes into the index's subject filter: a definition's name, no wildcard.
+    workflow: Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)] | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
 
 
