@@ -60,7 +60,7 @@ from kapellmeister.definitions import Definition, TenantConfig
 from kapellmeister.errors import KapellmeisterError
 from kapellmeister.expressions import Json
 from kapellmeister.gather import kv_key
-from kapellmeister.index import INDEX, IndexEntry, WorkflowIndex
+from kapellmeister.index import INDEX, IndexEntry, WorkflowIndex, decode_entry
 from kapellmeister.lease import LEASES, Look, cancel_if_silent, lease_key, look
 from kapellmeister.messages import (
     TERMINAL,
@@ -963,7 +963,7 @@ class Conductor:
         workflow_id = indexed.workflow_id
         try:
             entry = await kv.get(workflow_id)
-            head = _decode_head(entry.value or b"{}")
+            head = decode_entry(entry.value or b"{}")
             # Read again: a retry may have run it again, and even finished it anew.
             if head.status not in TERMINAL or head.unpublished:
                 self.index.note(indexed, head)  # the index was behind: mend its keys
@@ -1085,9 +1085,6 @@ class _Redrive(NamedTuple):
     updated_at: str
     times: int
     next_at: float
-
-
-_decode_head = msgspec.json.Decoder(IndexEntry).decode
 
 
 def _fact(result: TaskResult, at: str, task: str = "") -> Fact:

@@ -37,11 +37,11 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from kapellmeister.messages import TERMINAL, Saga, WorkflowStatus, WorkflowSummary
+from kapellmeister.messages import TERMINAL, Saga, WorkflowSummary
 from kapellmeister.publisher import Publisher
 from kapellmeister.store import read_bucket
 
-__all__ = ["INDEX", "IndexEntry", "WorkflowIndex"]
+__all__ = ["INDEX", "IndexEntry", "WorkflowIndex", "decode_entry"]
 
 log = logging.getLogger("kapellmeister.index")
 
@@ -61,34 +61,22 @@ _NEW_HOLD_S: Final = 1.0
 _ACTIVE: Final = ("RUNNING", "PAUSED")
 
 
-class IndexEntry(msgspec.Struct, frozen=True, omit_defaults=True):
+class IndexEntry(WorkflowSummary, frozen=True, omit_defaults=True):
     """An index value: a workflow's summary, and its `unpublished` mark if finished.
 
     Decodes a saga too (its other fields are ignored), so a check costs one decode."""
 
-    workflow_id: str
-    workflow: str
-    version: int
-    status: WorkflowStatus
-    tenant: str
-    created_at: str
-    updated_at: str
     unpublished: str = ""
 
     def summary(self) -> WorkflowSummary:
-        return WorkflowSummary(
-            workflow_id=self.workflow_id,
-            workflow=self.workflow,
-            version=self.version,
-            status=self.status,
-            tenant=self.tenant,
-            created_at=self.created_at,
-            updated_at=self.updated_at,
-        )
+        """The summary alone, as `conductor.list` replies (no `unpublished`)."""
+        fields = msgspec.structs.asdict(self)
+        del fields["unpublished"]
+        return WorkflowSummary(**fields)
 
 
 _encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder(IndexEntry).decode
+decode_entry = msgspec.json.Decoder(IndexEntry).decode
 
 
 def entry_of(state: Saga) -> IndexEntry:
@@ -303,7 +291,7 @@ class WorkflowIndex:
                     self.entries_read += 1
                     deleted = msg.headers is not None and "KV-Operation" in msg.headers
                     if msg.data and not deleted:
-                        yield seq, msg.subject.removeprefix(self._prefix), _decode(msg.data)
+                        yield seq, msg.subject.removeprefix(self._prefix), decode_entry(msg.data)
                     if msg.metadata.num_pending == 0:
                         return
         finally:
@@ -361,7 +349,7 @@ class WorkflowIndex:
             got = await self._workflows.get(workflow_id)
         except KeyNotFoundError:
             return None
-        return _decode(got.value) if got.value else None
+        return decode_entry(got.value) if got.value else None
 
     async def active(self) -> list[IndexEntry]:
         """The workflows the sweeper looks at: running, paused, or finished with commands
@@ -395,7 +383,7 @@ class WorkflowIndex:
         wrong: dict[str, frozenset[str]] = {}
         async for workflow_id, value in read_bucket(self._workflows):
             keys = frozenset(held.pop(workflow_id, ()))
-            if keys != keys_of(_decode(value)):
+            if keys != keys_of(decode_entry(value)):
                 wrong[workflow_id] = keys
         # What is left are index keys of sagas no longer stored.
         wrong.update((workflow_id, frozenset(keys)) for workflow_id, keys in held.items())
