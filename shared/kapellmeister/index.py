@@ -33,13 +33,12 @@ from typing import Final, NamedTuple
 import msgspec
 import nats.errors
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from kapellmeister.messages import TERMINAL, Saga, WorkflowSummary
 from kapellmeister.publisher import Publisher
-from kapellmeister.store import read_bucket
+from kapellmeister.store import drop, ephemeral, is_deleted, read_bucket, read_stream
 
 __all__ = ["INDEX", "IndexEntry", "WorkflowIndex", "decode_entry"]
 
@@ -49,8 +48,6 @@ INDEX: Final = "workflow_index"
 # A removed key leaves a purge marker that goes a second later (the least a TTL can
 # be): markers match the readers' filters, and a bucket full of them would be read.
 _MARKER_TTL_S: Final = 1
-# A read that gets nothing this long while the server still counts some pending ends.
-_QUIET_S: Final = 10.0
 # Index writes sent at once, at most (each chunk waits for its acks).
 _CHUNK: Final = 2_000
 # A removed key: a purge marker that goes by itself.
@@ -230,72 +227,29 @@ class WorkflowIndex:
 
     # --- reading --------------------------------------------------------------------------------
 
-    async def _subscribe(
-        self, filters: Iterable[str], start: int = 1
-    ) -> JetStreamContext.PullSubscription:
-        """An ephemeral reader of the keys matching ``filters`` from sequence ``start``."""
-        subjects = [self._prefix + f for f in filters]
-        config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=max(start, 1),
-            ack_policy=AckPolicy.NONE,
-            inactive_threshold=60.0,
-            mem_storage=True,
-            num_replicas=1,
-            filter_subjects=subjects if len(subjects) > 1 else None,
-        )
-        return await self._js.pull_subscribe(subjects[0], stream=self._stream, config=config)
-
-    async def _unsubscribe(self, sub: JetStreamContext.PullSubscription) -> None:
-        # Not left to its inactivity timeout: a list or sweep every few seconds would
-        # pile them up. nats-py named the consumer: no round trip to learn it.
-        with contextlib.suppress(nats.errors.Error):
-            await sub.unsubscribe()
-            await self._js.delete_consumer(self._stream, sub._consumer)
-
     async def _count(self, filters: Iterable[str]) -> int:
         """How many entries match ``filters`` (purge markers included)."""
-        sub = await self._subscribe(filters)
+        sub = await ephemeral(self._js, self._stream, [self._prefix + f for f in filters])
         try:
             return (await sub.consumer_info()).num_pending or 0
         finally:
-            await self._unsubscribe(sub)
+            await drop(self._js, self._stream, sub)
 
     async def _read(
         self, filters: Iterable[str], start: int = 1, end: int | None = None
     ) -> AsyncIterator[tuple[int, str, IndexEntry]]:
         """``(sequence, key, entry)`` of the keys matching ``filters``, in stream order,
         from sequence ``start`` to ``end`` (default: the last now)."""
-        sub = await self._subscribe(filters, start)
-        loop = asyncio.get_running_loop()
-        try:
-            # Nothing to read: known now, not after a fetch's wait.
-            if (await sub.consumer_info()).num_pending == 0:
-                return
-            deadline = loop.time() + _QUIET_S
-            while True:
-                try:
-                    messages = await sub.fetch(1000, timeout=1.0)
-                except nats.errors.TimeoutError:
-                    if (await sub.consumer_info()).num_pending == 0:
-                        return
-                    if loop.time() > deadline:  # a reconnect lost the rest: end, do not hang
-                        log.warning("reading the index: no end after %.0fs", _QUIET_S)
-                        return
-                    continue
-                deadline = loop.time() + _QUIET_S
-                for msg in messages:
-                    seq = msg.metadata.sequence.stream
-                    if end is not None and seq > end:
-                        return
-                    self.entries_read += 1
-                    deleted = msg.headers is not None and "KV-Operation" in msg.headers
-                    if msg.data and not deleted:
-                        yield seq, msg.subject.removeprefix(self._prefix), decode_entry(msg.data)
-                    if msg.metadata.num_pending == 0:
-                        return
-        finally:
-            await self._unsubscribe(sub)
+        subjects = [self._prefix + f for f in filters]
+        reading = read_stream(self._js, self._stream, subjects, start_seq=start)
+        async with contextlib.aclosing(reading) as messages:
+            async for msg in messages:
+                seq = msg.metadata.sequence.stream
+                if end is not None and seq > end:
+                    return
+                self.entries_read += 1
+                if msg.data and not is_deleted(msg):
+                    yield seq, msg.subject.removeprefix(self._prefix), decode_entry(msg.data)
 
     async def newest(
         self, status: str | None = None, workflow: str | None = None, limit: int = 100

@@ -15,11 +15,11 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from typing import TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 import msgspec
 import nats.errors
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
@@ -28,11 +28,18 @@ from nats.js.kv import KeyValue
 from kapellmeister.messages import TERMINAL, Saga
 from kapellmeister.publisher import Publisher
 
-__all__ = ["CasConflict", "SagaStore", "Versioned", "read_bucket"]
+__all__ = [
+    "CasConflict",
+    "SagaStore",
+    "Versioned",
+    "drop",
+    "ephemeral",
+    "is_deleted",
+    "read_bucket",
+    "read_stream",
+]
 
 log = logging.getLogger("kapellmeister.store")
-
-T = TypeVar("T")
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(Saga).decode
@@ -45,61 +52,110 @@ class Versioned(msgspec.Struct, frozen=True):
     revision: int
 
 
-async def read_bucket(
-    kv: KeyValue, quiet_s: float = 10.0, batch: int = 1000
-) -> AsyncIterator[tuple[str, bytes]]:
-    """The key and latest value of every key of a bucket, ``batch`` at a time.
-
-    An ephemeral pull consumer (last value per key, no acks) fetched a batch at a time
-    (a key written again while it reads comes once, at the value first seen):
-    memory stays at a batch and the keys, however large the bucket (nats-py's KV watcher buffers
-    whatever the server pushes, which for 100,000 sagas was 150 MB at the peak). The
-    end is the first entry with nothing pending after it, and an empty bucket is known
-    from its status first. Should the end never come (a reconnect), ``quiet_s`` without
-    a message while the consumer still counts some pending ends it.
-    """
-    if (await kv.status()).values == 0:
-        return
-    js: JetStreamContext = kv._js
-    prefix = f"$KV.{kv._name}."
+async def ephemeral(
+    js: JetStreamContext,
+    stream: str,
+    subjects: Sequence[str],
+    *,
+    deliver: DeliverPolicy = DeliverPolicy.ALL,
+    start_seq: int | None = None,
+    quiet_s: float = 10.0,
+) -> JetStreamContext.PullSubscription:
+    """An ephemeral pull consumer on ``stream`` for ``subjects`` (no acks, in memory);
+    end it with `drop`."""
     config = ConsumerConfig(
-        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start_seq is not None else deliver,
+        opt_start_seq=max(start_seq, 1) if start_seq is not None else None,
         ack_policy=AckPolicy.NONE,
         inactive_threshold=max(60.0, quiet_s * 2),
         mem_storage=True,
         num_replicas=1,
+        filter_subjects=list(subjects) if len(subjects) > 1 else None,
     )
-    sub = await js.pull_subscribe(prefix + ">", stream=kv._stream, config=config)
-    seen: set[str] = set()  # a key written again during the read comes once
-    deadline = asyncio.get_running_loop().time() + quiet_s
+    return await js.pull_subscribe(subjects[0], stream=stream, config=config)
+
+
+async def drop(js: JetStreamContext, stream: str, sub: JetStreamContext.PullSubscription) -> None:
+    """End an `ephemeral` consumer now. Not left to its inactivity timeout: a sweep or a
+    listing every few seconds would pile them up."""
+    with contextlib.suppress(nats.errors.Error):
+        await sub.unsubscribe()
+        # nats-py named the ephemeral consumer itself: no round trip to learn it.
+        await js.delete_consumer(stream, sub._consumer)
+
+
+async def read_stream(
+    js: JetStreamContext,
+    stream: str,
+    subjects: Sequence[str],
+    *,
+    deliver: DeliverPolicy = DeliverPolicy.ALL,
+    start_seq: int | None = None,
+    quiet_s: float = 10.0,
+    batch: int = 1000,
+) -> AsyncGenerator[Msg, None]:
+    """What an `ephemeral` consumer delivers, fetched ``batch`` at a time, up to the
+    first message with nothing pending after it; memory stays at a batch (nats-py's KV
+    watcher buffers whatever the server pushes: 150 MB at the peak for 100,000 sagas).
+    Nothing to read is known from the consumer's count at once, not after a fetch's
+    wait. Should the end never come (a reconnect), ``quiet_s`` without a message while
+    the consumer still counts some pending ends it."""
+    sub = await ephemeral(
+        js, stream, subjects, deliver=deliver, start_seq=start_seq, quiet_s=quiet_s
+    )
+    loop = asyncio.get_running_loop()
     try:
+        if (await sub.consumer_info()).num_pending == 0:
+            return
+        deadline = loop.time() + quiet_s
         while True:
             try:
                 messages = await sub.fetch(batch, timeout=1.0)
             except nats.errors.TimeoutError:
-                # Nothing came: the end, or a key purged under the read left a gap the
-                # server waits out; the consumer's own count says which.
+                # Nothing came: the end, or a message removed under the read left a gap
+                # the server waits out; the consumer's own count says which.
                 if (await sub.consumer_info()).num_pending == 0:
                     return
-                if asyncio.get_running_loop().time() > deadline:
-                    log.warning("reading bucket %s: no end after %.0fs", kv._name, quiet_s)
+                if loop.time() > deadline:
+                    log.warning("reading %s: no end after %.0fs", stream, quiet_s)
                     return
                 continue
-            deadline = asyncio.get_running_loop().time() + quiet_s
+            deadline = loop.time() + quiet_s
             for msg in messages:
-                key = msg.subject.removeprefix(prefix)
-                deleted = msg.headers is not None and "KV-Operation" in msg.headers
-                if msg.data and not deleted and key not in seen:
-                    seen.add(key)
-                    yield key, msg.data
+                yield msg
                 if msg.metadata.num_pending == 0:
                     return
     finally:
-        # Not left to its inactivity timeout: a sweep every few seconds would pile them up.
-        with contextlib.suppress(nats.errors.Error):
-            await sub.unsubscribe()
-            # nats-py named the ephemeral consumer itself: no round trip to learn it.
-            await js.delete_consumer(kv._stream, sub._consumer)
+        await drop(js, stream, sub)
+
+
+def is_deleted(msg: Msg) -> bool:
+    """A KV delete or purge marker."""
+    return msg.headers is not None and "KV-Operation" in msg.headers
+
+
+async def read_bucket(
+    kv: KeyValue, quiet_s: float = 10.0, batch: int = 1000
+) -> AsyncIterator[tuple[str, bytes]]:
+    """The key and latest value of every key of a bucket, ``batch`` at a time
+    (`read_stream`; a key written again while it reads comes once, at the value first
+    seen)."""
+    prefix = f"$KV.{kv._name}."
+    seen: set[str] = set()
+    reading = read_stream(
+        kv._js,
+        kv._stream,
+        [prefix + ">"],
+        deliver=DeliverPolicy.LAST_PER_SUBJECT,
+        quiet_s=quiet_s,
+        batch=batch,
+    )
+    async with contextlib.aclosing(reading) as messages:
+        async for msg in messages:
+            key = msg.subject.removeprefix(prefix)
+            if msg.data and not is_deleted(msg) and key not in seen:
+                seen.add(key)
+                yield key, msg.data
 
 
 class CasConflict(Exception):
