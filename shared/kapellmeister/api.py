@@ -143,7 +143,10 @@ class _Api:
 
     async def list(self, request: Request) -> bytes:
         query = _decode_list(request.data or b"{}")
-        found = await self.conductor.index.newest(query.status, query.workflow, query.limit)
+        since, until = query.created_range()
+        found = await self.conductor.index.newest(
+            query.status, query.workflow, query.limit, tenant=query.tenant, since=since, until=until
+        )
         return _encode(WorkflowSummaries(workflows=found))
 
     async def signal(self, request: Request) -> bytes:

@@ -261,7 +261,14 @@ def _get(args: argparse.Namespace) -> _Call:
 
 
 def _list(args: argparse.Namespace) -> _Call:
-    query = {"status": args.status, "workflow": args.workflow, "limit": args.limit}
+    query = {
+        "status": args.status,
+        "workflow": args.workflow,
+        "limit": args.limit,
+        "tenant": args.tenant,
+        "since": args.since,
+        "until": args.until,
+    }
     return _Call(
         "conductor.list", msgspec.json.encode({k: v for k, v in query.items() if v is not None})
     )
@@ -545,6 +552,9 @@ def _add_workflow_commands(commands: argparse._SubParsersAction[argparse.Argumen
     listing.add_argument("--status")
     listing.add_argument("--workflow")
     listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--tenant")
+    listing.add_argument("--since", help="created at or after (RFC 3339; no offset is UTC)")
+    listing.add_argument("--until", help="created before (RFC 3339)")
     signal = _client_command(
         commands,
         "signal",

@@ -252,14 +252,32 @@ class WorkflowIndex:
                     yield seq, msg.subject.removeprefix(self._prefix), decode_entry(msg.data)
 
     async def newest(
-        self, status: str | None = None, workflow: str | None = None, limit: int = 100
+        self,
+        status: str | None = None,
+        workflow: str | None = None,
+        limit: int = 100,
+        *,
+        tenant: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
     ) -> list[WorkflowSummary]:
         """Up to ``limit`` workflows, newest first, each as its saga says now. What this
         process noted is written first (another replica's notes are ``flush_s`` away).
 
         The stream is read backwards in windows sized from how many keys match, so a
         window holds about twice ``limit`` of them however rare they are; each row is
-        checked against its saga, and only as many as are still needed."""
+        checked against its saga, and only as many as are still needed. ``tenant`` and
+        the creation range (``since`` inclusive, ``until`` exclusive, as UTC text) never
+        change for a workflow, so they are tested on the index's own row before its saga
+        is read; a rare tenant costs more windows, each twice the last."""
+
+        def keeps(entry: IndexEntry) -> bool:
+            return (
+                (tenant is None or entry.tenant == tenant)
+                and (since is None or entry.created_at >= since)
+                and (until is None or entry.created_at < until)
+            )
+
         await self.flush(held=False)
         pattern = f"s.{status or '*'}.{'*' if workflow is None else workflow}.*"
         state = (await self._js.stream_info(self._stream)).state
@@ -274,7 +292,11 @@ class WorkflowIndex:
             start = max(first, end - window + 1)
             rows = [row async for row in self._read([pattern], start, end)]
             rows.reverse()  # newest first
-            candidates = [(key, entry) for _, key, entry in rows if entry.workflow_id not in seen]
+            candidates = [
+                (key, entry)
+                for _, key, entry in rows
+                if entry.workflow_id not in seen and keeps(entry)
+            ]
             seen.update(entry.workflow_id for _, entry in candidates)
             while candidates and len(found) < limit:
                 wanted = limit - len(found)

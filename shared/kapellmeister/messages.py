@@ -504,6 +504,22 @@ class ListRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # It goes into the index's subject filter: a definition's name, no wildcard.
     workflow: Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)] | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
+    tenant: str | None = None
+    # Created at or after ``since`` and before ``until`` (RFC 3339; no offset means UTC).
+    since: datetime.datetime | None = None
+    until: datetime.datetime | None = None
+
+    def created_range(self) -> tuple[str | None, str | None]:
+        """``since`` and ``until`` as the saga's UTC text, comparable with ``created_at``."""
+        return _utc_or_none(self.since), _utc_or_none(self.until)
+
+
+def _utc_or_none(moment: datetime.datetime | None) -> str | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return utc_text(moment)
 
 
 class WorkflowSummary(msgspec.Struct, frozen=True):

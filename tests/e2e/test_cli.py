@@ -124,6 +124,11 @@ async def test_signal_and_terminate_the_approval_workflow(nats_url, conductor):
     header, row = listed.stdout.splitlines()
     assert header.split()[:3] == ["workflow_id", "workflow", "status"]
     assert row.split()[:4] == ["pay-1", "approval", "v1", "RUNNING"]
+    assert run("list", "--tenant", "nobody").stdout == "no workflows\n"
+    since = run(
+        "list", "--since", "2000-01-01T00:00:00Z", "--until", "2999-01-01T00:00:00", "--json"
+    )
+    assert [w["workflow_id"] for w in _json(since.stdout)["workflows"]] == ["pay-1"]
 
     terminated = run("terminate", "pay-1", "--reason", "changed my mind", "--json")
     assert terminated.returncode == 0, terminated.stderr

@@ -208,6 +208,26 @@ async def test_list_is_newest_first_and_filters(nc, js, stack):
     assert body(await call(nc, "conductor.list", b""))["workflows"]  # no body at all is fine
 
 
+async def test_list_filters_by_tenant_and_creation_time(nc, js, stack):
+    ids = [await start(nc, WORKDAY, {"Tenant": tenant}) for tenant in ("acme", "globex", "acme")]
+    await wait_finished(js, ids)
+    created = [(await saga(js, workflow_id))["created_at"] for workflow_id in ids]
+
+    async def listed(query: dict[str, Any]) -> list[str]:
+        return [
+            w["workflow_id"] for w in body(await call(nc, "conductor.list", query))["workflows"]
+        ]
+
+    assert await listed({"tenant": "acme"}) == [ids[2], ids[0]]
+    assert await listed({"tenant": "nobody"}) == []
+    assert await listed({"since": created[1]}) == [ids[2], ids[1]]
+    assert await listed({"until": created[1]}) == [ids[0]]
+    assert await listed({"tenant": "acme", "since": created[1]}) == [ids[2]]
+    # No offset is UTC: the same instant as its Z form.
+    assert await listed({"since": created[1].removesuffix("Z")}) == [ids[2], ids[1]]
+    assert_error(await call(nc, "conductor.list", {"since": "yesterday"}), 400)
+
+
 async def test_two_conductors_racing_on_one_fact_write_once(js, two_conductors):
     one, two = two_conductors
     started = Started(
