@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import socket
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -15,6 +17,7 @@ from nats.js.api import RawStreamMsg
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from kapellmeister.messages import TERMINAL
+from kapellmeister.processes import ServiceProcess
 from kapellmeister.store import read_bucket
 from services.agenda.handlers import ActivityRequest
 from services.agenda.handlers import activity as agenda_activity
@@ -172,3 +175,35 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+class Stack:
+    """Services as child processes (``python -m services.<name>`` unless ``argv`` says),
+    each ended by its own PID; ``env`` goes to every one, with what `start` adds."""
+
+    def __init__(self, nats_url: str, logs: Path, env: Mapping[str, str] | None = None) -> None:
+        self.nats_url = nats_url
+        self.logs = logs
+        self.env = dict(env or {})
+        self.processes: list[ServiceProcess] = []
+
+    def start(
+        self,
+        name: str,
+        env: Mapping[str, str] | None = None,
+        argv: Sequence[str] | None = None,
+    ) -> ServiceProcess:
+        index = sum(p.name == name for p in self.processes)
+        process = ServiceProcess(
+            name,
+            self.nats_url,
+            self.logs / f"{name}-{index}.log",
+            {**self.env, **(env or {})},
+            argv=argv,
+        )
+        self.processes.append(process.start())
+        return process
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.stop()

@@ -21,8 +21,8 @@ import nats.errors
 import pytest
 import yaml
 
-from kapellmeister.processes import ServiceProcess, wait_for_services
-from tests.support import call
+from kapellmeister.processes import wait_for_services
+from tests.support import Stack, call
 
 pytestmark = pytest.mark.e2e
 
@@ -47,24 +47,6 @@ def cli(nats_url: str | None) -> Run:
         )
 
     return run
-
-
-class Stack:
-    """Services as processes, stopped by PID at the end."""
-
-    def __init__(self, nats_url: str, logs: Path) -> None:
-        self.nats_url = nats_url
-        self.logs = logs
-        self.processes: list[ServiceProcess] = []
-
-    def start(self, name: str) -> ServiceProcess:
-        process = ServiceProcess(name, self.nats_url, self.logs / f"{name}.log").start()
-        self.processes.append(process)
-        return process
-
-    def stop(self) -> None:
-        for process in self.processes:
-            process.stop()
 
 
 async def _services(nats_url, tmp_path, nc, names):

@@ -8,41 +8,21 @@ the KV bucket and the EVENTS stream as ``nats kv get`` and ``nats stream get`` w
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 import msgspec
 import nats.errors
 import pytest
 
-from kapellmeister.processes import ServiceProcess, wait_for_services
+from kapellmeister.processes import wait_for_services
 from kapellmeister.topology import EVENTS
-from tests.support import assert_error, body, call, saga, stream_messages, wait_finished
+from tests.support import Stack, assert_error, body, call, saga, stream_messages, wait_finished
 
 pytestmark = pytest.mark.e2e
 
 # Short ack wait and sweep so a killed conductor's work is picked up within the test.
 ENV = {"KAPELLMEISTER_ACK_WAIT_S": "3", "KAPELLMEISTER_SWEEP_INTERVAL_S": "1"}
 SERVICES = ("conductor", "weather", "agenda")
-
-
-class Stack:
-    """The three services as child processes, each ended by its own PID."""
-
-    def __init__(self, nats_url: str, logs: Path) -> None:
-        self.nats_url = nats_url
-        self.logs = logs
-        self.processes: list[ServiceProcess] = []
-
-    def start(self, name: str) -> ServiceProcess:
-        index = sum(p.name == name for p in self.processes)
-        process = ServiceProcess(name, self.nats_url, self.logs / f"{name}-{index}.log", ENV)
-        self.processes.append(process.start())
-        return process
-
-    def stop(self) -> None:
-        for process in self.processes:
-            process.stop()
 
 
 async def _until_answered(nc, subject: str, payload: Any, timeout: float = 15.0) -> None:
@@ -61,7 +41,7 @@ async def _until_answered(nc, subject: str, payload: Any, timeout: float = 15.0)
 
 @pytest.fixture
 async def stack(nats_url, tmp_path, nc):
-    stack = Stack(nats_url, tmp_path / "logs")
+    stack = Stack(nats_url, tmp_path / "logs", ENV)
     for name in SERVICES:
         stack.start(name)
     try:

@@ -7,15 +7,15 @@ import collections
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import IO
 
 import msgspec
 import pytest
 
-from kapellmeister.processes import ServiceProcess, wait_for_services
+from kapellmeister.processes import wait_for_services
 from kapellmeister.topology import EVENTS, RESULTS, TASKS
 from tests.support import (
+    Stack,
     body,
     call,
     days,
@@ -31,28 +31,9 @@ pytestmark = pytest.mark.e2e
 ENV = {"KAPELLMEISTER_ACK_WAIT_S": "3", "KAPELLMEISTER_SWEEP_INTERVAL_S": "1"}
 
 
-class Stack:
-    def __init__(self, nats_url: str, logs: Path) -> None:
-        self.nats_url = nats_url
-        self.logs = logs
-        self.processes: list[ServiceProcess] = []
-
-    def start(self, name: str) -> ServiceProcess:
-        index = sum(p.name == name for p in self.processes)
-        process = ServiceProcess(
-            name, self.nats_url, self.logs / f"{name}-{index}.log", ENV
-        ).start()
-        self.processes.append(process)
-        return process
-
-    def stop(self) -> None:
-        for process in self.processes:
-            process.stop()
-
-
 @pytest.fixture
 async def stack(nats_url, tmp_path, nc):
-    stack = Stack(nats_url, tmp_path / "logs")
+    stack = Stack(nats_url, tmp_path / "logs", ENV)
     for name in ("conductor", "weather", "agenda"):
         stack.start(name)
     try:
