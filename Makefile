@@ -4,12 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test check lint typecheck unit bench clean
+.PHONY: demo test check lint typecheck unit bench browser screenshots clean
 
 demo: $(VENV)/.installed
 	$(BIN)/kapellmeister demo
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev browser
 	$(MAKE) check
 
 check: lint typecheck unit
@@ -23,6 +23,21 @@ typecheck:
 
 unit:
 	$(BIN)/pytest
+
+# The web UI's browser tests drive Debian's chromium through Playwright (no browser
+# download). Installed here when we may (root, or sudo without a password); otherwise
+# those tests are skipped with a note, except in CI, where they fail.
+browser:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	elif command -v apt-get >/dev/null && sudo -n true 2>/dev/null; then \
+		sudo -n apt-get update -qq && sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "no chromium (apt-get install chromium): the browser tests will be skipped"; fi
+
+# The README's screenshots, taken by the browser tests.
+screenshots: $(VENV)/.installed-dev browser
+	UI_SCREENSHOTS=docs/screenshots $(BIN)/pytest -q tests/e2e/test_ui.py
 
 bench: $(VENV)/.installed
 	VENV=$(VENV) bash bench/peers/setup.sh

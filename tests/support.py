@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -207,3 +208,67 @@ class Stack:
     def stop(self) -> None:
         for process in self.processes:
             process.stop()
+
+
+async def http_request(
+    port: int,
+    method: str,
+    path: str,
+    headers: Mapping[str, str] | None = None,
+    body: bytes = b"",
+) -> tuple[int, bytes]:
+    """One HTTP/1.1 request to ``127.0.0.1:<port>`` with exactly these headers (``Host``
+    as a browser on loopback sends it, unless given): the status and the body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    sent = {"Host": f"127.0.0.1:{port}", "Connection": "close", "Content-Length": str(len(body))}
+    lines = [f"{method} {path} HTTP/1.1"]
+    lines += [f"{name}: {value}" for name, value in {**sent, **(headers or {})}.items()]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+    await writer.drain()
+    response = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head, _, rest = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), rest
+
+
+class EventStream:
+    """A Server-Sent Events response, read event by event."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self.reader = reader
+
+    async def next(self, event: str, containing: str = "", timeout: float = 15.0) -> str:
+        """The data of the next ``event`` whose data contains ``containing``."""
+        async with asyncio.timeout(timeout):
+            while True:
+                name, data = "", []
+                while (line := (await self.reader.readline()).decode()) not in ("\r\n", "\n"):
+                    assert line, "the stream ended"
+                    if line.startswith("event: "):
+                        name = line.removeprefix("event: ").strip()
+                    elif line.startswith("data: "):
+                        data.append(line.removeprefix("data: ").rstrip("\r\n"))
+                text = "\n".join(data)
+                if name == event and containing in text:
+                    return text
+
+
+@contextlib.asynccontextmanager
+async def event_stream(port: int, path: str) -> AsyncIterator[EventStream]:
+    """GET ``path`` as an EventSource would; the stream is open once this yields."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    # HTTP/1.0: the body comes as it is, until the server closes (no chunked framing).
+    head = f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nAccept: text/event-stream\r\n"
+    writer.write(head.encode() + b"\r\n")
+    await writer.drain()
+    try:
+        status = (await reader.readline()).split()[1]
+        assert status == b"200", status
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass  # the response's headers
+        yield EventStream(reader)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()

@@ -15,8 +15,7 @@ import base64
 import contextlib
 import importlib
 import os
-import shutil
-import subprocess
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -343,7 +342,8 @@ def _serve(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from kapellmeister.demo import run_demo
 
-    run_demo(Settings.from_env(), embedded="NATS_URL" not in os.environ)
+    ui_port = args.ui_port if args.ui else None
+    run_demo(Settings.from_env(), embedded="NATS_URL" not in os.environ, ui_port=ui_port)
 
 
 async def _dead_letters(settings: Settings) -> list[tuple[int, DeadLetter]]:
@@ -466,13 +466,53 @@ def _graph(args: argparse.Namespace) -> None:
     )
     print(drawn, end="")
     if args.svg:
-        dot = shutil.which("dot")
-        if dot is None:
-            print("no SVG: Graphviz `dot` is not installed", file=sys.stderr)
-            return
-        svg = to_dot(definition, statuses)
-        subprocess.run([dot, "-Tsvg", "-o", args.svg], input=svg.encode(), check=True)
+        from kapellmeister.ui.svg import to_svg
+
+        # The web UI's drawing: no Graphviz needed.
+        Path(args.svg).write_text(to_svg(definition, statuses), encoding="utf-8")
         print(f"wrote {args.svg}", file=sys.stderr)
+
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _ui(args: argparse.Namespace) -> None:
+    """Serve the web UI until Ctrl-C or SIGTERM."""
+    import uvicorn
+
+    from kapellmeister.ui.app import create_app
+
+    settings = Settings.from_env()
+    if args.host in _LOOPBACK:
+        hosts = ["127.0.0.1", "localhost", "[::1]"]
+    else:
+        # Reached by any name; with no login of its own it belongs behind a proxy that
+        # authenticates.
+        hosts = ["*"]
+        print(
+            f"warning: the UI has no login; on {args.host} anyone who reaches it can act "
+            "on workflows (put an authenticating proxy in front)",
+            file=sys.stderr,
+        )
+    app = create_app(settings, allowed_hosts=hosts)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"kapellmeister ui on http://{shown}:{args.port}/ (NATS {settings.nats_url})", flush=True)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        timeout_graceful_shutdown=2,
+    )
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    # uvicorn shuts down gracefully on these, then raises the signal again for the handler
+    # it found: ours, so that a stop is exit 0, not death by signal.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+    uvicorn.Server(config).run()
 
 
 async def _registered_tasks(settings: Settings) -> dict[str, Any]:
@@ -638,6 +678,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("service", choices=SERVICES)
     serve.set_defaults(handler=_serve)
     demo = commands.add_parser("demo", help="embedded NATS + the three services + a few runs")
+    demo.add_argument(
+        "--ui", action="store_true", help="then leave it running with the web UI, until Ctrl-C"
+    )
+    demo.add_argument("--ui-port", type=int, default=8090, help="the web UI's port (8090)")
     demo.set_defaults(handler=_demo)
     _add_workflow_commands(commands)
     _add_definitions_commands(commands)
@@ -659,8 +703,12 @@ def _parser() -> argparse.ArgumentParser:
     graph.add_argument("target", nargs="?", default="", help="a definition file or name")
     graph.add_argument("--workflow", help="draw this workflow, coloured by task status")
     graph.add_argument("--format", choices=["mermaid", "dot"], default="mermaid")
-    graph.add_argument("--svg", help="also write an SVG here (needs Graphviz `dot`)")
+    graph.add_argument("--svg", help="also write the drawing as SVG here")
     graph.set_defaults(handler=_graph)
+    ui = commands.add_parser("ui", help="the web UI: workflows, their graphs and history")
+    ui.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (loopback only)")
+    ui.add_argument("--port", type=int, default=8090, help="default: 8090")
+    ui.set_defaults(handler=_ui)
     events = commands.add_parser("events", help="the EVENTS stream")
     events_commands = events.add_subparsers(dest="events_command", required=True)
     tail = events_commands.add_parser("tail", help="print events as they are stored")

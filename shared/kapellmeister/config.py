@@ -71,6 +71,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Serve /livez and /readyz (connected, consumers bound) on this port (and host), if set.
     health_port: int | None = None
     health_host: str = "0.0.0.0"
+    # The web UI links each workflow to its trace here: ``{trace_id}`` is replaced, e.g.
+    # ``http://127.0.0.1:16686/trace/{trace_id}`` for Jaeger. Empty: no link.
+    trace_url: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -1,5 +1,6 @@
-"""The web UI and its drawing of a definition as SVG (`to_svg`)."""
+"""The web UI (``kapellmeister ui``): workflows, their graphs and history, and the operator
+actions, in a browser; an ASGI application over the public NATS API (`create_app`)."""
 
-from kapellmeister.ui.svg import to_svg
+from kapellmeister.ui.app import create_app
 
-__all__ = ["to_svg"]
+__all__ = ["create_app"]

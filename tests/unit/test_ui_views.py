@@ -1,0 +1,137 @@
+"""What the web UI computes from a saga and from its query strings; no I/O."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from kapellmeister.messages import Saga
+from kapellmeister.ui.app import _list_query
+from kapellmeister.ui.views import input_example, timeline, waiting
+
+
+def _task(ref: str, status: str, **times: Any) -> dict[str, Any]:
+    return {
+        "ref": ref,
+        "name": ref,
+        "type": times.pop("type", "SIMPLE"),
+        "status": status,
+        "attempt": times.pop("attempt", 1),
+        "input": {},
+        "output": None,
+        "error": None,
+        "scheduled_at": times.pop("scheduled_at", None),
+        "started_at": times.pop("started_at", None),
+        "ended_at": times.pop("ended_at", None),
+        **times,
+    }
+
+
+def _saga(status: str, tasks: list[dict[str, Any]], updated: str) -> Saga:
+    return msgspec.convert(
+        {
+            "workflow_id": "w",
+            "workflow": "flow",
+            "version": 1,
+            "status": status,
+            "input": {},
+            "output": None,
+            "tenant": "",
+            "created_at": "2026-11-23T10:00:00.000Z",
+            "updated_at": updated,
+            "trace_id": "t",
+            "error": None,
+            "tasks": tasks,
+        },
+        Saga,
+    )
+
+
+def test_bars_sit_on_the_workflows_span_with_queued_time_and_earlier_attempts():
+    saga = _saga(
+        "COMPLETED",
+        [
+            _task(
+                "a",
+                "COMPLETED",
+                scheduled_at="2026-11-23T10:00:00.000Z",
+                started_at="2026-11-23T10:00:01.000Z",
+                ended_at="2026-11-23T10:00:04.000Z",
+            ),
+            _task(
+                "b",
+                "COMPLETED",
+                attempt=2,
+                scheduled_at="2026-11-23T10:00:08.000Z",
+                started_at="2026-11-23T10:00:08.000Z",
+                ended_at="2026-11-23T10:00:10.000Z",
+                history=[
+                    {
+                        "attempt": 1,
+                        "status": "FAILED",
+                        "started_at": "2026-11-23T10:00:05.000Z",
+                        "ended_at": "2026-11-23T10:00:06.000Z",
+                    }
+                ],
+            ),
+        ],
+        updated="2026-11-23T10:00:10.000Z",
+    )
+    a, b = timeline(saga, now="2026-11-23T11:00:00.000Z")  # finished: `now` is not used
+    (bar,) = a.bars
+    assert (bar.left, bar.queued, bar.width) == (0.0, 10.0, 40.0)
+    assert bar.title == "attempt 1: COMPLETED, 3,000 ms"
+    earlier, last = b.bars
+    assert (earlier.attempt, earlier.status, earlier.left, earlier.width) == (1, "FAILED", 50, 10)
+    assert (last.attempt, last.left, last.width) == (2, 80.0, 20.0)
+
+
+def test_a_running_task_reaches_now_and_a_waiting_one_is_offered_a_signal():
+    saga = _saga(
+        "RUNNING",
+        [
+            _task(
+                "approve",
+                "IN_PROGRESS",
+                type="WAIT",
+                scheduled_at="2026-11-23T10:00:00.000Z",
+                started_at="2026-11-23T10:00:00.000Z",
+            ),
+            _task("later", "SCHEDULED", scheduled_at="2026-11-23T10:00:02.000Z"),
+        ],
+        updated="2026-11-23T10:00:02.000Z",
+    )
+    approve, later = timeline(saga, now="2026-11-23T10:00:04.000Z")
+    assert (approve.bars[0].left, approve.bars[0].width) == (0.0, 100.0)
+    assert (later.bars[0].left, later.bars[0].queued) == (50.0, 50.0)  # queued until now
+    assert [task.ref for task in waiting(saga)] == ["approve"]
+    assert waiting(msgspec.structs.replace(saga, status="TERMINATED")) == []
+
+
+def test_the_start_form_offers_each_required_input_field():
+    example = msgspec.json.decode(
+        input_example({"user": "str", "money": "int", "when": "datetime", "note": "str?"})
+    )
+    assert example == {"user": "", "money": 0, "when": "YYYY-MM-DDTHH:MM:SS"}
+
+
+def test_list_filters_become_the_apis_query_and_empty_ones_are_left_out():
+    assert _list_query({}) == {"limit": 50}
+    assert _list_query(
+        {
+            "status": "RUNNING",
+            "workflow": "",
+            "tenant": "acme",
+            "since": "2026-11-23T10:00",
+            "until": "2026-11-23T11:00:30",
+            "limit": "5",
+        }
+    ) == {
+        "status": "RUNNING",
+        "tenant": "acme",
+        "since": "2026-11-23T10:00:00",
+        "until": "2026-11-23T11:00:30",
+        "limit": 5,
+    }
+    assert _list_query({"limit": "-3"}) == {"limit": 50}
