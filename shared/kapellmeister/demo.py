@@ -10,6 +10,8 @@ workflow twice with signals (paid, refused), and shuts everything down.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,7 @@ def _show(value: object) -> str:
     return msgspec.json.encode(value).decode()
 
 
-async def _drive(nats_url: str, settings: Settings, logs: Path) -> int:
+async def _drive(nats_url: str, settings: Settings, logs: Path, ui_port: int | None) -> int:
     settings = msgspec.structs.replace(settings, nats_url=nats_url)
     services = [
         ServiceProcess(name, nats_url, logs / f"{name}.log").start()
@@ -88,9 +90,12 @@ async def _drive(nats_url: str, settings: Settings, logs: Path) -> int:
         for _ in users:
             msg = await events.next_msg(timeout=10)
             print(f"  {msg.data.decode()}")
+        await events.unsubscribe()
         failed = [s for s in done.values() if s.status != "COMPLETED"]
         print(f"\n{len(done) - len(failed)} of {len(done)} plan_day workflows completed")
         approved = await _approvals(nc)
+        if ui_port is not None:
+            await _serve_ui(nc, nats_url, logs, ui_port)
         return 1 if failed or not approved else 0
     finally:
         await nc.drain()
@@ -116,11 +121,61 @@ async def _approvals(nc: Client) -> bool:
         print(f"  output {_show(state['output'])}")
         outcomes.append(state["status"])
     event = await granted.next_msg(timeout=10)
+    # Unsubscribed now: a drain would wait for a later event (one approved in the web UI)
+    # that nobody reads.
+    await granted.unsubscribe()
     print(f"events.approval.granted: {event.data.decode()}")
     return outcomes == ["COMPLETED", "FAILED"]
 
 
-def run_demo(settings: Settings, *, embedded: bool) -> None:
+async def _serve_ui(nc: Client, nats_url: str, logs: Path, port: int) -> None:
+    """Leave the stack running with the web UI on ``port`` until Ctrl-C (or SIGTERM), and
+    an approval waiting for its first signal, to give from the page."""
+    ui = ServiceProcess(
+        "ui",
+        nats_url,
+        logs / "ui.log",
+        {k: v for k, v in os.environ.items() if k.startswith(("KAPELLMEISTER_", "NATS_"))},
+        argv=[sys.executable, "-m", "kapellmeister.cli", "ui", "--port", str(port)],
+    ).start()
+    reply = await nc.request("conductor.start.approval", b'{"money": 250}', timeout=10)
+    waiting = msgspec.json.decode(reply.data)["workflow_id"]
+    if not await _listening(port, ui):
+        print(f"the web UI did not start:\n{ui.log_tail()}")
+        ui.stop()
+        return
+    print(f"\nweb UI on http://127.0.0.1:{port}/ (log {ui.log_path})")
+    print(f"approval {waiting} waits for you: http://127.0.0.1:{port}/workflows/{waiting}")
+    print("Ctrl-C stops the demo", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        print(f"stopped ui        exit {ui.stop()}")
+
+
+async def _listening(port: int, process: ServiceProcess, timeout: float = 20.0) -> bool:
+    """Whether ``process`` accepts connections on ``port`` within ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while process.alive() and loop.time() < deadline:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.1)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return True
+    return False
+
+
+def run_demo(settings: Settings, *, embedded: bool, ui_port: int | None = None) -> None:
     """Run the demo; exits non-zero if a workflow did not complete."""
     data = Path(settings.data_dir) / "demo"
     server = EmbeddedServer(data / "nats") if embedded else None
@@ -129,7 +184,7 @@ def run_demo(settings: Settings, *, embedded: bool) -> None:
         url = server.start()
         print(f"embedded nats-server on {url}, JetStream data in {data / 'nats'}")
     try:
-        code = asyncio.run(_drive(url, settings, data / "logs"))
+        code = asyncio.run(_drive(url, settings, data / "logs", ui_port))
     finally:
         if server is not None:
             server.stop()
