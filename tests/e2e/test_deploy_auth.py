@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,15 @@ from nats.aio.client import Client
 from kapellmeister.processes import ServiceProcess, wait_for_services
 from kapellmeister.server import EmbeddedServer, find_binary
 from tests import deploy
-from tests.support import call, free_port, http_get, wait_finished
+from tests.support import (
+    call,
+    event_stream,
+    free_port,
+    http_get,
+    http_request,
+    saga,
+    wait_finished,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -319,3 +328,49 @@ async def test_each_service_is_ready_with_every_consumer_bound(secured):
 BREWERY_STEPS = (
     "malt", "hops", "mash", "boil", "dry_hop", "bottle_beer", "harvest", "crush", "ferment_wine"
 )  # fmt: skip
+
+
+async def test_the_web_ui_works_as_the_client_user(secured, connect, tmp_path):
+    """As deploy/compose.yaml runs it: the list and a workflow live, and an action."""
+    port = free_port()
+    ui = ServiceProcess(
+        "ui",
+        secured.url,
+        tmp_path / "ui.log",
+        env={"NATS_USER": "client", "NATS_PASSWORD": secured.passwords["client"]},
+        argv=[sys.executable, "-m", "kapellmeister.cli", "ui", "--port", str(port)],
+    ).start()
+    try:
+        for _ in range(200):
+            with contextlib.suppress(OSError):
+                if (await http_request(port, "GET", "/healthz"))[0] == 200:
+                    break
+            await asyncio.sleep(0.1)
+        client = await connect("client")
+        async with event_stream(port, "/live/workflows?workflow=approval") as listed:
+            await call(
+                client.nc, "conductor.start.approval", {"money": 3}, {"Workflow-Id": "sec-ui"}
+            )
+            assert 'data-workflow-id="sec-ui"' in await listed.next("rows", "sec-ui")
+        async with event_stream(port, "/live/workflows/sec-ui") as live:
+            form = b"task=approval_1&output=%7B%22status%22%3A%22ok%22%7D"
+            status, reply = await http_request(
+                port,
+                "POST",
+                "/workflows/sec-ui/signal",
+                {
+                    "Accept": "application/json",
+                    "Content-Type": "application/x-www-form-urlencoded",
+                    "Origin": f"http://127.0.0.1:{port}",
+                },
+                form,
+            )
+            assert status == 200, reply
+            waiting = 'data-ref="approval_2" data-status="IN_PROGRESS"'
+            async with asyncio.timeout(15):
+                while waiting not in msgspec.json.decode(await live.next("saga"))["parts"]["graph"]:
+                    pass
+        assert (await saga(client.js, "sec-ui"))["tasks"][0]["output"] == {"status": "ok"}
+    finally:
+        ui.stop()
+    assert "violation" not in ui.log_tail(100_000).lower()

@@ -31,8 +31,8 @@ def default_of(value: str) -> tuple[str, str]:
     return found.group(1), found.group(2)
 
 
-def test_it_has_nats_jaeger_nats_box_and_the_four_services() -> None:
-    assert set(SERVICES) == {"nats", "jaeger", "nats-box", *deploy.SERVICES}
+def test_it_has_nats_jaeger_nats_box_the_ui_and_the_four_services() -> None:
+    assert set(SERVICES) == {"nats", "jaeger", "nats-box", "ui", *deploy.SERVICES}
 
 
 def test_nats_runs_the_deploy_configuration_on_file_storage() -> None:
@@ -118,3 +118,19 @@ def test_the_image_runs_as_a_user_and_checks_readyz_on_its_health_port() -> None
     assert healthcheck is not None
     assert f"http://127.0.0.1:{port.group(1)}/readyz" in healthcheck.group(1)
     assert 'exec python -m services.\\"$SERVICE\\"' in runtime
+
+
+def test_the_ui_is_the_client_user_on_this_machine_only_with_links_to_jaeger() -> None:
+    ui = SERVICES["ui"]
+    assert ui["command"][:2] == ["kapellmeister", "ui"]
+    port = ui["command"][ui["command"].index("--port") + 1]
+    assert ui["ports"] == [f"127.0.0.1:{port}:{port}"]  # published on loopback only
+    env = ui["environment"]
+    assert (env["NATS_URL"], env["NATS_USER"]) == ("nats://nats:4222", "client")
+    client = SERVICES["nats"]["environment"]["KAPELLMEISTER_CLIENT_PASSWORD"]
+    assert default_of(env["NATS_PASSWORD"]) == default_of(client)
+    jaeger_port = SERVICES["jaeger"]["ports"][0].split(":")[0]
+    assert env["KAPELLMEISTER_TRACE_URL"] == f"http://localhost:{jaeger_port}/trace/{{trace_id}}"
+    # Its own health check: the image's asks /readyz of a service, which the UI is not.
+    assert f"http://127.0.0.1:{port}/healthz" in " ".join(ui["healthcheck"]["test"])
+    assert ui["read_only"] is True and ui["cap_drop"] == ["ALL"]
