@@ -135,9 +135,9 @@ async def page(browser: Browser) -> AsyncIterator[Page]:
     assert errors == [], f"the page's script failed: {errors}"
 
 
-async def shot(page: Page, name: str) -> None:
+async def shot(page: Page, name: str, full_page: bool = True) -> None:
     if SHOTS:  # Playwright makes the directory
-        await page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=True)
+        await page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=full_page)
 
 
 def node(page: Page, ref: str):
@@ -283,7 +283,7 @@ async def test_a_refused_action_shows_the_apis_error_and_changes_nothing(ui, pag
     flash = page.locator("#flash")
     await expect(flash).to_have_class(re.compile(r"\berror\b"))
     await expect(flash).to_have_text(f"409 {refused['type']}: {refused['message']}")
-    await shot(page, "refused")
+    await shot(page, "refused", full_page=False)
     assert await saga(js, workflow_id) == before
 
     # A signal that is not JSON: the API's 400, shown as it says it.
@@ -364,3 +364,27 @@ async def test_the_demo_stays_up_with_the_ui_for_an_approval(tmp_path, page):
         if demo.returncode is None:
             demo.kill()
             await demo.wait()
+
+
+async def test_pause_resume_and_terminate_with_compensation_from_the_page(ui, page, nc, js):
+    approval = body(await call(nc, "conductor.start.approval", {"money": 9}))
+    workflow_id = approval["workflow_id"]
+    await page.goto(f"{ui.url}/workflows/{workflow_id}")
+    status = page.locator("#status")
+
+    await page.get_by_role("button", name="Pause").click()
+    await expect(status).to_have_text("PAUSED", timeout=LIVE_S)
+    assert (await saga(js, workflow_id))["status"] == "PAUSED"
+    await page.get_by_role("button", name="Resume").click()
+    await expect(status).to_have_text("RUNNING", timeout=LIVE_S)
+    assert (await saga(js, workflow_id))["status"] == "RUNNING"
+
+    await page.locator("input[name=reason]").fill("budget cut")
+    await page.locator("input[name=compensate]").check()
+    await page.get_by_role("button", name="Terminate").click()
+    await expect(status).to_have_text("TERMINATED", timeout=LIVE_S)
+    await expect(page.locator("#signals section")).to_have_count(0)
+    state = await saga(js, workflow_id)
+    assert state["status"] == "TERMINATED"
+    assert "budget cut" in state["error"]["message"]
+    await expect(page.locator("#summary pre.error")).to_contain_text("budget cut")

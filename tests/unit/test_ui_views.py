@@ -8,7 +8,7 @@ import msgspec
 
 from kapellmeister.messages import Saga
 from kapellmeister.ui.app import _list_query
-from kapellmeister.ui.views import input_example, timeline, waiting
+from kapellmeister.ui.views import clock, input_example, timeline, waiting
 
 
 def _task(ref: str, status: str, **times: Any) -> dict[str, Any]:
@@ -135,3 +135,12 @@ def test_list_filters_become_the_apis_query_and_empty_ones_are_left_out():
         "limit": 5,
     }
     assert _list_query({"limit": "-3"}) == {"limit": 50}
+
+
+def test_a_time_is_shown_as_the_time_of_day_with_the_stamp_on_hover():
+    assert str(clock("2026-11-23T16:38:05.215Z")) == (
+        '<time datetime="2026-11-23T16:38:05.215Z" title="2026-11-23T16:38:05.215Z">'
+        "16:38:05.215</time>"
+    )
+    assert str(clock(None)) == "&ndash;"
+    assert "&lt;" in str(clock("<script>"))

@@ -65,7 +65,7 @@ from kapellmeister.messages import (
 from kapellmeister.registry import DefinitionSummaries
 from kapellmeister.ui.client import ApiError, ConductorClient
 from kapellmeister.ui.svg import to_svg
-from kapellmeister.ui.views import input_example, pretty, timeline, waiting
+from kapellmeister.ui.views import clock, input_example, pretty, timeline, waiting
 
 __all__ = ["create_app"]
 
@@ -95,6 +95,7 @@ def _templates() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
     )
     env.filters["pretty"] = pretty
+    env.filters["clock"] = clock
     return env
 
 

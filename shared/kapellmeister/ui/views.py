@@ -10,11 +10,12 @@ import datetime
 from collections.abc import Callable
 
 import msgspec
+from markupsafe import Markup
 
 from kapellmeister.expressions import Json
 from kapellmeister.messages import TERMINAL, Saga, TaskRecord
 
-__all__ = ["Bar", "Row", "input_example", "pretty", "timeline", "waiting"]
+__all__ = ["Bar", "Row", "clock", "input_example", "pretty", "timeline", "waiting"]
 
 # What the start form shows for each type of a definition's input schema.
 _EXAMPLES: dict[str, Json] = {
@@ -53,6 +54,14 @@ class Row(msgspec.Struct, frozen=True):
 
 def _moment(text: str | None) -> datetime.datetime | None:
     return datetime.datetime.fromisoformat(text) if text else None
+
+
+def clock(stamp: str | None) -> Markup:
+    """A saga time as the time of day (UTC, to the millisecond), the full stamp on hover."""
+    if not stamp:
+        return Markup("&ndash;")
+    shown = stamp[11:23] if len(stamp) >= 23 else stamp
+    return Markup('<time datetime="{0}" title="{0}">{1}</time>').format(stamp, shown)
 
 
 def pretty(value: Json) -> str:
