@@ -235,3 +235,25 @@ def test_nats_box_speaks_as_the_client_user():
     env = values()["natsBox"]["container"]["env"]
     assert env["NATS_USER"] == "client"
     assert secret_ref(env["NATS_PASSWORD"]) == ("kapellmeister-nats-users", "client")
+
+
+def test_the_ui_is_the_client_user_behind_a_cluster_ip_service():
+    deployment = the("Deployment", "ui")
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["command"][:2] == ["kapellmeister", "ui"]
+    port = int(container["command"][container["command"].index("--port") + 1])
+    assert container["image"] == "kapellmeister/conductor:0.1.0"  # the package, UI included
+    env = env_of(container)
+    assert env["NATS_USER"]["value"] == "client"
+    assert secret_ref(env["NATS_PASSWORD"]) == ("kapellmeister-nats-users", "client")
+    assert "client" in auth_users()
+    assert container["ports"] == [{"name": "http", "containerPort": port}]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    service = the("Service", "ui")
+    assert service["spec"]["type"] == "ClusterIP"  # no login: never exposed by itself
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"] == [{"name": "http", "port": port, "targetPort": "http"}]
