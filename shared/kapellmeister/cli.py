@@ -480,9 +480,11 @@ def _ui(args: argparse.Namespace) -> None:
     """Serve the web UI until Ctrl-C or SIGTERM."""
     import uvicorn
 
+    from kapellmeister.logs import setup_logging
     from kapellmeister.ui.app import create_app
 
     settings = Settings.from_env()
+    setup_logging("ui", settings.log_level, settings.log_format)
     if args.host in _LOOPBACK:
         hosts = ["127.0.0.1", "localhost", "[::1]"]
     else:

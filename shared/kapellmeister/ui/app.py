@@ -63,6 +63,7 @@ from kapellmeister.messages import (
     utc_text,
 )
 from kapellmeister.registry import DefinitionSummaries
+from kapellmeister.runtime import connect
 from kapellmeister.ui.client import ApiError, ConductorClient
 from kapellmeister.ui.svg import to_svg
 from kapellmeister.ui.views import clock, input_example, pretty, timeline, waiting
@@ -119,9 +120,8 @@ class _Ui:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        self._nc = await nats.connect(
-            name="kapellmeister-ui", max_reconnect_attempts=-1, **self.settings.connect_options()
-        )
+        # Reconnects for ever, as the services do; what NATS refuses is logged.
+        self._nc = await connect(self.settings, "kapellmeister-ui")
         try:
             yield
         finally:
