@@ -267,6 +267,9 @@ async def event_stream(port: int, path: str) -> AsyncIterator[EventStream]:
         assert status == b"200", status
         while (await reader.readline()) not in (b"\r\n", b""):
             pass  # the response's headers
+        # The stream's first line: what it follows is subscribed to by now.
+        assert (await asyncio.wait_for(reader.readline(), 15)).startswith(b": live")
+        assert await reader.readline() == b"\n"
         yield EventStream(reader)
     finally:
         writer.close()

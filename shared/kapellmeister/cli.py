@@ -19,6 +19,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any, NamedTuple
 
 import msgspec
@@ -485,27 +486,23 @@ def _ui(args: argparse.Namespace) -> None:
 
     settings = Settings.from_env()
     setup_logging("ui", settings.log_level, settings.log_format)
-    if args.host in _LOOPBACK:
-        hosts = ["127.0.0.1", "localhost", "[::1]"]
-    else:
-        # Reached by any name; with no login of its own it belongs behind a proxy that
-        # authenticates.
-        hosts = ["*"]
+    if args.host not in _LOOPBACK:
         print(
             f"warning: the UI has no login; on {args.host} anyone who reaches it can act "
-            "on workflows (put an authenticating proxy in front)",
+            "on workflows (put an authenticating proxy in front, named by --allow-host)",
             file=sys.stderr,
         )
-    app = create_app(settings, allowed_hosts=hosts)
+    app = create_app(settings, allowed_hosts=args.allow_host or [])
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"kapellmeister ui on http://{shown}:{args.port}/ (NATS {settings.nats_url})", flush=True)
     config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level="warning",
-        timeout_graceful_shutdown=2,
+        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2
     )
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            app.state.stop()  # open pages' streams end, so the shutdown does not wait
+            super().handle_exit(sig, frame)
 
     def stop(signum: int, frame: object) -> None:
         raise SystemExit(0)
@@ -514,7 +511,7 @@ def _ui(args: argparse.Namespace) -> None:
     # it found: ours, so that a stop is exit 0, not death by signal.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
-    uvicorn.Server(config).run()
+    Server(config).run()
 
 
 async def _registered_tasks(settings: Settings) -> dict[str, Any]:
@@ -710,6 +707,12 @@ def _parser() -> argparse.ArgumentParser:
     ui = commands.add_parser("ui", help="the web UI: workflows, their graphs and history")
     ui.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (loopback only)")
     ui.add_argument("--port", type=int, default=8090, help="default: 8090")
+    ui.add_argument(
+        "--allow-host",
+        action="append",
+        metavar="NAME",
+        help="a name it is reached by besides loopback's (a proxy's); repeatable",
+    )
     ui.set_defaults(handler=_ui)
     events = commands.add_parser("events", help="the EVENTS stream")
     events_commands = events.add_subparsers(dest="events_command", required=True)

@@ -28,6 +28,7 @@ from tests.support import (
     assert_error,
     body,
     call,
+    event_stream,
     free_port,
     http_request,
     saga,
@@ -53,6 +54,11 @@ ENV = {"KAPELLMEISTER_ACK_WAIT_S": "3", "KAPELLMEISTER_SWEEP_INTERVAL_S": "1"}
 TRACE_URL = "http://127.0.0.1:16686/trace/{trace_id}"
 FREE_SATURDAY = {"user": "ann", "datetime": "2026-11-21T12:00:00"}
 LIVE_S = 15_000  # how long the page may take to show a change (ms)
+# The name of a proxy in front of the UI (--allow-host); it is never resolved here.
+PROXY = "ui.example"
+# What the page shows may wait on the conductor, the agents and the stream: a loaded
+# machine needs more than Playwright's default 5 s.
+expect.set_options(timeout=LIVE_S)
 
 
 @pytest.fixture
@@ -87,7 +93,10 @@ async def _ui(nats_url, tmp_path, nc, agents: tuple[str, ...]) -> AsyncIterator[
         stack.start(
             "ui",
             env={"KAPELLMEISTER_TRACE_URL": TRACE_URL},
-            argv=[sys.executable, "-m", "kapellmeister.cli", "ui", "--port", str(port)],
+            argv=[
+                *[sys.executable, "-m", "kapellmeister.cli", "ui", "--port", str(port)],
+                *["--allow-host", PROXY],
+            ],
         )
         await wait_for_services(nc, ["conductor", *agents], processes=stack.processes)
         await _until_serving(stack, port)
@@ -233,6 +242,8 @@ async def test_the_list_filters_and_shows_new_workflows_live(ui, page, nc, js):
 
     second = body(await call(nc, "conductor.start.approval", {"money": 2}, {"Tenant": "acme"}))
     await call(nc, "conductor.start.approval", {"money": 3}, {"Tenant": "globex"})
+    # A drinks order waits for the brewery, which is not running: RUNNING, another name.
+    drinks = body(await call(nc, "conductor.start.drinks", {"drink": "beer", "style": "IPA"}))
     await expect(rows).to_have_count(2, timeout=LIVE_S)  # no reload: the index changed
     await expect(rows.first).to_have_attribute("data-workflow-id", second["workflow_id"])
 
@@ -242,6 +253,8 @@ async def test_the_list_filters_and_shows_new_workflows_live(ui, page, nc, js):
     await page.get_by_role("button", name="Filter").click()
     await expect(page).to_have_url(re.compile(r"status=RUNNING"))
     await expect(rows).to_have_count(3)
+    running = body(await call(nc, "conductor.list", {"status": "RUNNING"}))["workflows"]
+    assert drinks["workflow_id"] in {w["workflow_id"] for w in running}
     await shot(page, "workflows")
     await page.locator("select[name=status]").select_option("COMPLETED")
     await page.get_by_role("button", name="Filter").click()
@@ -298,17 +311,52 @@ async def test_a_refused_action_shows_the_apis_error_and_changes_nothing(ui, pag
 
 async def test_a_page_of_another_site_cannot_act(ui, nc, js):
     workflow = body(await call(nc, "conductor.start.approval", {"money": 7}))
-    status, reply = await http_request(
-        ui.port,
-        "POST",
-        f"/workflows/{workflow['workflow_id']}/terminate",
+    path = f"/workflows/{workflow['workflow_id']}/pause"
+    for headers in (
         {"Origin": "http://evil.example"},
-    )
-    assert status == 403, reply
+        {"Origin": "null"},  # a sandboxed frame, a file: page
+        {"Sec-Fetch-Site": "cross-site"},  # a browser that sends no Origin
+        # A page on another name that resolves to the UI (DNS rebinding), through the
+        # proxy's name or its own.
+        {"Host": PROXY, "Origin": "http://evil.example"},
+    ):
+        status, reply = await http_request(ui.port, "POST", path, headers)
+        assert status == 403, (headers, reply)
+    status, reply = await http_request(ui.port, "POST", path, {"Host": "evil.example"})
+    assert status == 400, reply
     assert (await saga(js, workflow["workflow_id"]))["status"] == "RUNNING"
-    # A name that only resolves to loopback (DNS rebinding) is not served.
-    status, _ = await http_request(ui.port, "GET", "/", {"Host": "evil.example"})
-    assert status == 400
+    # A name that is neither loopback's nor the proxy's gets no page at all.
+    assert (await http_request(ui.port, "GET", "/", {"Host": "evil.example"}))[0] == 400
+    # Through the proxy's name, its own pages act.
+    status, reply = await http_request(
+        ui.port, "POST", path, {"Host": PROXY, "Origin": f"http://{PROXY}"}
+    )
+    assert status == 303, reply
+    assert (await saga(js, workflow["workflow_id"]))["status"] == "PAUSED"
+
+
+async def test_nothing_a_workflow_carries_runs_as_markup_in_the_page(ui, page, nc, js):
+    markup = '<img src=x onerror="window.pwned=1">'
+    definition = {
+        "name": "xss",
+        "version": 1,
+        "description": markup,
+        "input": {"say": "str"},
+        "tasks": [{"ref": "wait_here", "type": "WAIT", "input": {"note": markup}}],
+    }
+    assert body(await call(nc, "conductor.definitions.register", definition))["name"] == "xss"
+    started = body(await call(nc, "conductor.start.xss", {"say": markup}))
+    workflow_id = started["workflow_id"]
+    await page.goto(f"{ui.url}/workflows/{workflow_id}")
+    await signal(page, "wait_here", {"said": markup})
+    await expect(page.locator("#status")).to_have_text("COMPLETED")
+    await expect(page.locator("#tasks .task-output")).to_contain_text("onerror")  # as text
+    for path in (f"/workflows/{workflow_id}", "/definitions/xss", "/definitions"):
+        await page.goto(f"{ui.url}{path}")
+        await expect(page.locator("main")).to_contain_text("<img src=x onerror=")  # as text
+        assert await page.locator("img[src=x]").count() == 0, path
+        assert await page.evaluate("window.pwned") is None, path
+    assert (await saga(js, workflow_id))["tasks"][0]["output"] == {"said": markup}
 
 
 async def test_definitions_are_listed_and_drawn(ui, page, nc):
@@ -388,3 +436,20 @@ async def test_pause_resume_and_terminate_with_compensation_from_the_page(ui, pa
     assert state["status"] == "TERMINATED"
     assert "budget cut" in state["error"]["message"]
     await expect(page.locator("#summary pre.error")).to_contain_text("budget cut")
+
+
+async def test_the_ui_stops_at_once_with_pages_open(ui, nc):
+    approval = body(await call(nc, "conductor.start.approval", {"money": 1}))
+    process = ui.stack.processes[-1]
+    async with (
+        event_stream(ui.port, f"/live/workflows/{approval['workflow_id']}") as live,
+        event_stream(ui.port, "/live/workflows") as listed,
+    ):
+        await live.next("saga")  # the saga as it is now
+        code = await asyncio.to_thread(process.stop)
+        assert code == 0, process.log_tail()  # not killed after the stop's wait
+        for stream in (live, listed):
+            with pytest.raises(AssertionError, match="the stream ended"):
+                await stream.next("saga", timeout=5)
+    log = process.log_tail(100_000)
+    assert "Traceback" not in log and "ERROR" not in log, log

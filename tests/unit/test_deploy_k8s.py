@@ -250,7 +250,12 @@ def test_the_ui_is_the_client_user_behind_a_cluster_ip_service():
     assert "client" in auth_users()
     assert container["ports"] == [{"name": "http", "containerPort": port}]
     for probe in ("livenessProbe", "readinessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+        assert container[probe]["httpGet"] == {
+            "path": "/healthz",
+            "port": "http",
+            # The UI answers loopback's names only: the kubelet would send the pod IP.
+            "httpHeaders": [{"name": "Host", "value": "localhost"}],
+        }
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["securityContext"]["runAsNonRoot"] is True
     service = the("Service", "ui")

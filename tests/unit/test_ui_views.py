@@ -135,6 +135,9 @@ def test_list_filters_become_the_apis_query_and_empty_ones_are_left_out():
         "limit": 5,
     }
     assert _list_query({"limit": "-3"}) == {"limit": 50}
+    assert _list_query({"limit": "²"}) == {"limit": 50}  # a digit to str.isdigit, not to int
+    assert _list_query({"limit": "0"}) == {"limit": 1}
+    assert _list_query({"limit": "50000"}) == {"limit": 1_000}
 
 
 def test_a_time_is_shown_as_the_time_of_day_with_the_stamp_on_hover():

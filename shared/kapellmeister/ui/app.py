@@ -29,11 +29,8 @@ from urllib.parse import urlsplit
 
 import jinja2
 import msgspec
-import nats
 from markupsafe import Markup
 from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.js.errors import BucketNotFoundError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -65,19 +62,29 @@ from kapellmeister.messages import (
 from kapellmeister.registry import DefinitionSummaries
 from kapellmeister.runtime import connect
 from kapellmeister.ui.client import ApiError, ConductorClient
+from kapellmeister.ui.live import Streams, sse
 from kapellmeister.ui.svg import to_svg
-from kapellmeister.ui.views import clock, input_example, pretty, timeline, waiting
+from kapellmeister.ui.views import (
+    SHOWN_TASKS,
+    clock,
+    input_example,
+    pretty,
+    timeline,
+    waiting,
+)
 
-__all__ = ["create_app"]
+__all__ = ["LOOPBACK", "create_app"]
+
+# The Host names of a browser on this machine (any port).
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
 
 ACTIONS = ("signal", "retry", "rerun", "pause", "resume", "terminate")
 STATUSES = ("RUNNING", "PAUSED", "COMPLETED", "FAILED", "TIMED_OUT", "TERMINATED")
 # A token that goes into a subject: no dots, wildcards or spaces.
 _TOKEN = re.compile(r"[A-Za-z0-9_=-]{1,128}")
-# The list is redrawn at most this often while the index changes (seconds).
-_LIST_EVERY_S = 0.5
+# A W3C trace id: only such an id goes into a link.
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
 _WORKFLOWS = "workflows"  # the saga bucket (DESIGN.md)
-_KEEPALIVE_S = 15.0
 
 _decode_saga = msgspec.json.Decoder(Saga).decode
 _decode_summaries = msgspec.json.Decoder(WorkflowSummaries).decode
@@ -107,7 +114,14 @@ class _Ui:
         self.settings = settings
         self.templates = _templates()
         self._nc: Client | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._definitions: dict[tuple[str, int], Definition] = {}
+        self.streams = Streams(lambda: self.nc, f"$KV.{INDEX}.>")
+
+    def stop(self) -> None:
+        """End the open streams; safe from a signal handler (uvicorn's, at shutdown)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.streams.stop)
 
     @property
     def nc(self) -> Client:
@@ -120,6 +134,7 @@ class _Ui:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        self._loop = asyncio.get_running_loop()
         # Reconnects for ever, as the services do; what NATS refuses is logged.
         self._nc = await connect(self.settings, "kapellmeister-ui")
         try:
@@ -174,13 +189,16 @@ class _Ui:
                 "Mermaid": to_mermaid(definition, statuses),
                 "DOT": to_dot(definition, statuses),
             }
-        trace = self.settings.trace_url.replace("{trace_id}", saga.trace_id)
+        trace = ""
+        if self.settings.trace_url and _TRACE_ID.fullmatch(saga.trace_id):
+            trace = self.settings.trace_url.replace("{trace_id}", saga.trace_id)
         context = {
             "saga": saga,
             "rows": timeline(saga, utc_text_now()),
             "waiting": waiting(saga),
             "terminal": saga.status in TERMINAL,
-            "trace_url": trace if self.settings.trace_url and saga.trace_id else "",
+            "trace_url": trace,
+            "shown_tasks": SHOWN_TASKS,
         }
         return {
             "summary": self.fragment("_summary.html", **context),
@@ -220,13 +238,10 @@ def _list_query(params: Mapping[str, str]) -> dict[str, Any]:
             # <input type="datetime-local"> gives minutes only; the API wants seconds.
             query[field] = value + ":00" if len(value) == 16 else value
     limit = params.get("limit", "")
-    query["limit"] = int(limit) if limit.isdigit() else 50
+    # Up to 1,000 here: each change of the index asks for the rows again.
+    query["limit"] = min(int(limit), 1_000) if limit.isascii() and limit.isdecimal() else 50
+    query["limit"] = max(query["limit"], 1)
     return query
-
-
-def _sse(event: str, data: str) -> str:
-    lines = "".join(f"data: {line}\n" for line in data.split("\n"))
-    return f"event: {event}\n{lines}\n"
 
 
 def _wants_json(request: Request) -> bool:
@@ -278,7 +293,16 @@ class _Pages:
 
     async def live_list(self, request: Request) -> Response:
         query = _list_query(request.query_params)
-        return StreamingResponse(_list_events(self.ui, query), media_type="text/event-stream")
+
+        async def rows() -> str:
+            try:
+                found = await self.ui.summaries(query)
+            except ApiError as exc:
+                return sse("failure", exc.message)
+            return sse("rows", str(self.ui.fragment("_rows.html", workflows=found)))
+
+        events = self.ui.streams.rows(_encode(query).decode(), rows)
+        return StreamingResponse(events, media_type="text/event-stream")
 
     async def workflow_page(self, request: Request) -> Response:
         workflow_id = request.path_params["workflow_id"]
@@ -300,7 +324,12 @@ class _Pages:
         workflow_id = request.path_params["workflow_id"]
         if not WORKFLOW_ID_PATTERN.fullmatch(workflow_id):
             return Response(status_code=404)
-        return StreamingResponse(_saga_events(self.ui, workflow_id), media_type="text/event-stream")
+
+        async def render(value: bytes) -> str:
+            return sse("saga", await self.ui.update(_decode_saga(value)))
+
+        events = self.ui.streams.saga(workflow_id, _WORKFLOWS, render)
+        return StreamingResponse(events, media_type="text/event-stream")
 
     async def act(self, request: Request) -> Response:
         workflow_id, action = request.path_params["workflow_id"], request.path_params["action"]
@@ -383,7 +412,9 @@ def create_app(settings: Settings, allowed_hosts: list[str] | None = None) -> St
     """The UI as an ASGI application; it connects to NATS when it starts.
 
     Args:
-        allowed_hosts: ``Host`` headers accepted (a DNS-rebinding guard); default loopback.
+        allowed_hosts: names it is reached by besides loopback's (a proxy's): the ``Host``
+            header must be one of them, so a page on another name that resolves to the
+            UI's address (DNS rebinding) gets nothing.
     """
     ui = _Ui(settings)
     pages = _Pages(ui)
@@ -400,12 +431,15 @@ def create_app(settings: Settings, allowed_hosts: list[str] | None = None) -> St
         Route("/definitions/{name}/start", pages.start, methods=["POST"]),
         Mount("/static", StaticFiles(directory=str(static)), name="static"),
     ]
-    hosts = allowed_hosts or ["127.0.0.1", "localhost", "[::1]"]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=ui.lifespan,
-        middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)],
+        middleware=[
+            Middleware(TrustedHostMiddleware, allowed_hosts=[*LOOPBACK, *(allowed_hosts or [])])
+        ],
     )
+    app.state.stop = ui.stop
+    return app
 
 
 async def _action_request(request: Request, workflow_id: str, action: str) -> tuple[str, bytes]:
@@ -432,62 +466,3 @@ async def _action_request(request: Request, workflow_id: str, action: str) -> tu
             }
             return f"conductor.terminate.{workflow_id}", _encode(terminate)
     return f"conductor.{action}.{workflow_id}", b""
-
-
-async def _list_events(ui: _Ui, query: dict[str, Any]) -> AsyncIterator[str]:
-    """The list's rows again whenever the workflow index changes (at most every half
-    second): a plain subscription to the index bucket's subjects, so no consumer is made
-    and nothing is replayed."""
-    changed = asyncio.Event()
-
-    async def note(msg: Msg) -> None:
-        changed.set()
-
-    subscription = await ui.nc.subscribe(f"$KV.{INDEX}.>", cb=note)
-    try:
-        yield ": live\n\n"
-        while True:
-            try:
-                await asyncio.wait_for(changed.wait(), _KEEPALIVE_S)
-            except TimeoutError:
-                yield ": keepalive\n\n"
-                continue
-            await asyncio.sleep(_LIST_EVERY_S)
-            changed.clear()
-            try:
-                rows = ui.fragment("_rows.html", workflows=await ui.summaries(query))
-            except ApiError as exc:
-                yield _sse("failure", exc.message)
-                continue
-            yield _sse("rows", rows)
-    finally:
-        with contextlib.suppress(Exception):
-            await subscription.unsubscribe()
-
-
-async def _saga_events(ui: _Ui, workflow_id: str) -> AsyncIterator[str]:
-    """The workflow page's parts each time its saga is written: a KV watch on its key."""
-    try:
-        kv = await ui.nc.jetstream().key_value(_WORKFLOWS)
-    except BucketNotFoundError:
-        yield _sse("failure", f"no {_WORKFLOWS} bucket")
-        return
-    watcher = await kv.watch(workflow_id)
-    try:
-        yield ": live\n\n"
-        while True:
-            try:
-                entry = await watcher.updates(timeout=_KEEPALIVE_S)
-            except nats.errors.TimeoutError:
-                yield ": keepalive\n\n"
-                continue
-            if entry is None:
-                continue  # the end of the initial value: what follows is news
-            if not entry.value:
-                yield _sse("failure", f"workflow {workflow_id} was removed")
-                continue
-            update = await ui.update(_decode_saga(entry.value))
-            yield _sse("saga", _encode(update).decode())
-    finally:
-        with contextlib.suppress(Exception):
-            await watcher.stop()

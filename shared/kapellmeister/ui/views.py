@@ -15,7 +15,17 @@ from markupsafe import Markup
 from kapellmeister.expressions import Json
 from kapellmeister.messages import TERMINAL, Saga, TaskRecord
 
-__all__ = ["Bar", "Row", "clock", "input_example", "pretty", "timeline", "waiting"]
+__all__ = [
+    "SHOWN_CHARS",
+    "SHOWN_TASKS",
+    "Bar",
+    "Row",
+    "clock",
+    "input_example",
+    "pretty",
+    "timeline",
+    "waiting",
+]
 
 # What the start form shows for each type of a definition's input schema.
 _EXAMPLES: dict[str, Json] = {
@@ -29,6 +39,10 @@ _EXAMPLES: dict[str, Json] = {
     "object": {},
     "any": None,
 }
+
+# A page shows this many tasks of a workflow, and this much of one JSON value.
+SHOWN_TASKS = 1_000
+SHOWN_CHARS = 20_000
 
 # Task statuses a signal can still complete (a WAIT task the workflow has reached).
 _OPEN = frozenset({"SCHEDULED", "IN_PROGRESS"})
@@ -65,13 +79,17 @@ def clock(stamp: str | None) -> Markup:
 
 
 def pretty(value: Json) -> str:
-    """JSON as a person reads it: indented, keys in their order."""
-    return msgspec.json.format(msgspec.json.encode(value), indent=2).decode()
+    """JSON as a person reads it: indented, keys in their order; cut after `SHOWN_CHARS`
+    (a page stays light whatever a task returned; ``conductor.get`` has it whole)."""
+    text = msgspec.json.format(msgspec.json.encode(value), indent=2).decode()
+    if len(text) <= SHOWN_CHARS:
+        return text
+    return f"{text[:SHOWN_CHARS]}\n… cut: {len(text):,} characters in all (conductor.get has them)"
 
 
 def timeline(saga: Saga, now: str) -> list[Row]:
-    """A row per task with a bar per attempt (earlier attempts first), on a scale from the
-    workflow's start to its end (or ``now`` while it runs)."""
+    """A row per task (the first `SHOWN_TASKS`) with a bar per attempt (earlier attempts
+    first), on a scale from the workflow's start to its end (or ``now`` while it runs)."""
     begin = _moment(saga.created_at)
     end = _moment(saga.updated_at if saga.status in TERMINAL else max(now, saga.updated_at))
     assert begin is not None and end is not None
@@ -83,7 +101,7 @@ def timeline(saga: Saga, now: str) -> list[Row]:
         return round(min(max((moment - begin).total_seconds() / span, 0.0), 1.0) * 100, 2)
 
     rows: list[Row] = []
-    for task in saga.tasks:
+    for task in saga.tasks[:SHOWN_TASKS]:
         bars = [
             _bar(
                 percent,

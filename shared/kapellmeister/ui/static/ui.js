@@ -37,12 +37,15 @@
         body: new FormData(form),
         headers: { Accept: "application/json" },
       });
-      const data = await response.json().catch(() => ({}));
+      const text = await response.text();
+      let data = {};
+      try { data = JSON.parse(text); } catch (_) { data = {}; }
       if (!response.ok) {
+        // The API's error as it says it; else what answered (a plain-text refusal).
         const error = data.error || {};
         const code = error.code || response.status;
         const kind = error.type ? ` ${error.type}` : "";
-        show("error", `${code}${kind}: ${error.message || response.statusText}`);
+        show("error", `${code}${kind}: ${error.message || text || response.statusText}`);
         return;
       }
       if (data.location) {
@@ -68,11 +71,14 @@
     source = new EventSource(live);
     source.onopen = () => { indicator.hidden = false; };
     source.onerror = () => { indicator.hidden = true; };
-    source.addEventListener("saga", (event) => apply(JSON.parse(event.data)));
-    source.addEventListener("rows", (event) => {
-      const rows = document.getElementById("rows");
-      if (rows) rows.innerHTML = event.data;
-    });
-    source.addEventListener("failure", (event) => show("error", event.data));
+    // Each page listens for its own kind of event only; every event's data is JSON.
+    if (document.getElementById("rows")) {
+      source.addEventListener("rows", (event) => {
+        document.getElementById("rows").innerHTML = JSON.parse(event.data);
+      });
+    } else {
+      source.addEventListener("saga", (event) => apply(JSON.parse(event.data)));
+    }
+    source.addEventListener("failure", (event) => show("error", JSON.parse(event.data)));
   }
 })();
