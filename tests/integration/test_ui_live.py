@@ -22,7 +22,7 @@ async def test_pages_with_one_filter_share_one_subscription_and_one_query(nc):
     for subject in ("changes.a", "changes.b", "changes.c"):
         await nc.publish(subject, b"")
     got = await asyncio.wait_for(asyncio.gather(anext(first), anext(second)), 5)
-    assert got == [sse("rows", "rows 1")] * 2  # three changes, one query, both pages
+    assert list(got) == [sse("rows", "rows 1")] * 2  # three changes, one query, both pages
     assert asked == 1
 
     await first.aclose()

@@ -8,7 +8,7 @@ import msgspec
 
 from kapellmeister.messages import Saga
 from kapellmeister.ui.app import _list_query
-from kapellmeister.ui.views import clock, input_example, timeline, waiting
+from kapellmeister.ui.views import SHOWN_CHARS, clock, input_example, pretty, timeline, waiting
 
 
 def _task(ref: str, status: str, **times: Any) -> dict[str, Any]:
@@ -147,3 +147,10 @@ def test_a_time_is_shown_as_the_time_of_day_with_the_stamp_on_hover():
     )
     assert str(clock(None)) == "&ndash;"
     assert "&lt;" in str(clock("<script>"))
+
+
+def test_a_huge_value_is_cut_and_says_so():
+    text = pretty({"blob": "x" * 50_000})
+    assert len(text) < SHOWN_CHARS + 100
+    assert text.endswith("… cut: 50,016 characters in all (conductor.get has them)")
+    assert pretty({"small": 1}) == '{\n  "small": 1\n}'

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -166,7 +166,9 @@ class Streams:
             return None
         raise TimeoutError
 
-    async def rows(self, key: str, produce: Callable[[], Awaitable[str]]) -> AsyncIterator[str]:
+    async def rows(
+        self, key: str, produce: Callable[[], Awaitable[str]]
+    ) -> AsyncGenerator[str, None]:
         """The list events of one filter (``key``), until the page goes or the UI stops."""
         feed = self.feeds.get(key)
         if feed is None:
@@ -188,7 +190,7 @@ class Streams:
 
     async def saga(
         self, workflow_id: str, bucket: str, render: Callable[[bytes], Awaitable[str]]
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """A workflow page's events: each write of its saga, rendered by ``render``."""
         try:
             kv = await self._nc().jetstream().key_value(bucket)
