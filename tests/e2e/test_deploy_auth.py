@@ -351,7 +351,8 @@ async def test_the_web_ui_works_as_the_client_user(secured, connect, tmp_path):
             await call(
                 client.nc, "conductor.start.approval", {"money": 3}, {"Workflow-Id": "sec-ui"}
             )
-            assert 'data-workflow-id="sec-ui"' in await listed.next("rows", "sec-ui")
+            rows = msgspec.json.decode(await listed.next("rows", "sec-ui"))
+            assert 'data-workflow-id="sec-ui"' in rows
         async with event_stream(port, "/live/workflows/sec-ui") as live:
             form = b"task=approval_1&output=%7B%22status%22%3A%22ok%22%7D"
             status, reply = await http_request(
