@@ -1,8 +1,9 @@
 """The web UI's live updates: Server-Sent Events fed by NATS.
 
 - A workflow page follows its saga by a KV watch on its key in the ``workflows`` bucket:
-  every write, in revision order, becomes one ``saga`` event (writes that come within
-  `COALESCE_S` of each other become one, with the newest state).
+  every write, in revision order, becomes one ``saga`` event at once, unless it comes
+  within `COALESCE_S` of the last one sent: then the writes of that burst become one,
+  with the newest state.
 - The list pages share one subscription to the ``workflow_index`` bucket's subjects
   (`Changes`), and each distinct filter one `Feed`: when the index changes it asks
   ``conductor.list`` again, at most every `LIST_EVERY_S`, and sends the rows to every page
@@ -198,6 +199,8 @@ class Streams:
             yield sse("failure", f"no {bucket} bucket")
             return
         watcher = await kv.watch(workflow_id, inactive_threshold=WATCH_INACTIVE_S)
+        loop = asyncio.get_running_loop()
+        sent = 0.0
         try:
             yield ": live\n\n"
             while not self.stopping.is_set():
@@ -208,11 +211,13 @@ class Streams:
                     continue
                 if entry is None:
                     continue  # the end of the initial value (or a stop): what follows is news
-                entry = await _newest(watcher, entry)
+                if loop.time() - sent < COALESCE_S:  # a burst: its newest state only
+                    entry = await _newest(watcher, entry)
                 if not entry.value:
                     yield sse("failure", f"workflow {workflow_id} was removed")
                     continue
                 yield await render(entry.value)
+                sent = loop.time()
         finally:
             with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
                 await watcher.stop()
