@@ -410,8 +410,14 @@ async def test_the_demo_stays_up_with_the_ui_for_an_approval(tmp_path, page):
         assert "stopped ui        exit 0" in printed[-1]
     finally:
         if demo.returncode is None:
-            demo.kill()
-            await demo.wait()
+            # SIGINT first: the demo stops the server and services it started (a SIGKILL
+            # would leave them running), then SIGKILL if it does not end.
+            demo.send_signal(signal_module.SIGINT)
+            try:
+                await asyncio.wait_for(demo.communicate(), 60)
+            except TimeoutError:
+                demo.kill()
+                await demo.wait()
 
 
 async def test_pause_resume_and_terminate_with_compensation_from_the_page(ui, page, nc, js):
