@@ -19,7 +19,13 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
-from kapellmeister.errors import BadRequest, Conflict, NotFound, WorkflowNotFound
+from kapellmeister.errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    ScheduleNotFound,
+    WorkflowNotFound,
+)
 from kapellmeister.messages import (
     WORKFLOW_ID_PATTERN,
     Fact,
@@ -34,6 +40,7 @@ from kapellmeister.messages import (
     WorkflowSummaries,
 )
 from kapellmeister.micro import add_endpoint
+from kapellmeister.schedules import SCHEDULE_NAME, ScheduleSpec
 
 if TYPE_CHECKING:
     from kapellmeister.conductor import Conductor
@@ -66,6 +73,7 @@ class RerunRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 _decode_rerun = msgspec.json.Decoder(RerunRequest).decode
+_decode_schedule = msgspec.json.Decoder(ScheduleSpec).decode
 
 
 class Registered(msgspec.Struct, frozen=True):
@@ -97,6 +105,12 @@ async def serve_api(conductor: Conductor, nc: Client) -> Service:
         ("definitions-register", "conductor.definitions.register", api.register),
         ("definitions-get", "conductor.definitions.get.*", api.definition),
         ("definitions-list", "conductor.definitions.list", api.definitions),
+        ("schedules-create", "conductor.schedules.create", api.schedule_create),
+        ("schedules-list", "conductor.schedules.list", api.schedules),
+        ("schedules-get", "conductor.schedules.get.*", api.schedule),
+        ("schedules-pause", "conductor.schedules.pause.*", api.schedule_pause),
+        ("schedules-resume", "conductor.schedules.resume.*", api.schedule_resume),
+        ("schedules-delete", "conductor.schedules.delete.*", api.schedule_delete),
     ]
     for name, subject, handler in endpoints:
         await add_endpoint(service, name, subject, handler, conductor.settings.concurrency)
@@ -212,6 +226,30 @@ class _Api:
     async def definitions(self, request: Request) -> bytes:
         return _encode(self.conductor.definitions.summaries())
 
+    async def schedule_create(self, request: Request) -> bytes:
+        spec = _decode_schedule(request.data or b"")
+        # What it starts must exist and take its input, now; a tick that later cannot
+        # (the definition changed) is recorded with the reason, not retried for ever.
+        definition = await self.conductor.definitions.get(spec.workflow, spec.version)
+        definition.validate_input(spec.input)
+        schedule = await self.conductor.scheduler.create(spec, self.conductor.clock.now())
+        return _encode(schedule)
+
+    async def schedules(self, request: Request) -> bytes:
+        return _encode(await self.conductor.scheduler.list())
+
+    async def schedule(self, request: Request) -> bytes:
+        return _encode(await self.conductor.scheduler.get(_schedule_name(request)))
+
+    async def schedule_pause(self, request: Request) -> bytes:
+        return _encode(await self.conductor.scheduler.pause(_schedule_name(request)))
+
+    async def schedule_resume(self, request: Request) -> bytes:
+        return _encode(await self.conductor.scheduler.resume(_schedule_name(request)))
+
+    async def schedule_delete(self, request: Request) -> bytes:
+        return _encode(await self.conductor.scheduler.delete(_schedule_name(request)))
+
     async def _request_fact(self, request: Request, fact: Fact) -> bytes:
         """Apply a fact a request states; reply with the saga state after it."""
         operation = request.subject.split(".")[1]
@@ -222,6 +260,13 @@ class _Api:
             error = NotFound if decision.refusal.code == 404 else Conflict
             raise error(decision.refusal.message)
         return _encode(decision.state)
+
+
+def _schedule_name(request: Request) -> str:
+    name = _token(request, 3)
+    if not SCHEDULE_NAME.fullmatch(name):
+        raise ScheduleNotFound(f"no schedule named {name!r}")
+    return name
 
 
 def _int_header(headers: dict[str, str], name: str) -> int | None:

@@ -11,7 +11,9 @@ path in the definition (``tasks[2].input.date``):
   another branch of the same FORK, itself);
 * a SWITCH with no ``default`` whose cases do not cover every value of its expression;
 * a SUB_WORKFLOW naming an unknown workflow, or a chain of sub-workflows that comes
-  back to this one (a cycle).
+  back to this one (a cycle);
+* a schedule with no or both of ``cron`` and ``every_s``, a cron that does not parse, an
+  unknown timezone, or an input the workflow would refuse.
 
 Agent task registrations and other definitions are optional inputs: offline, only what
 the definition alone can tell is checked.
@@ -35,8 +37,9 @@ from kapellmeister.definitions import (
     compile_definition,
     parse_definition,
 )
-from kapellmeister.errors import InvalidDefinition
+from kapellmeister.errors import BadRequest, InvalidDefinition
 from kapellmeister.expressions import Compiled, DictOf, ListOf, Reference, paths
+from kapellmeister.schedules import from_definition, validate
 
 __all__ = ["Problem", "SubWorkflows", "check", "check_file", "problems_message"]
 
@@ -77,7 +80,22 @@ def check(
             case SubWorkflowTask() as task if sub_workflows is not None:
                 problems += _check_sub_workflow(definition, node, task, sub_workflows)
     problems += _check_output(definition, tasks)
+    problems += _check_schedules(definition)
     return problems
+
+
+def _check_schedules(definition: Definition) -> Iterator[Problem]:
+    """Each schedule's timing (one of cron and every_s, a cron that parses, a known
+    timezone) and its input, against the definition's own input schema."""
+    for n, spec in enumerate(from_definition(definition.spec)):
+        try:
+            validate(spec)
+        except BadRequest as exc:
+            yield Problem(path=f"schedules[{n}]", message=exc.message)
+        try:
+            definition.validate_input(spec.input)
+        except BadRequest as exc:
+            yield Problem(path=f"schedules[{n}].input", message=exc.message)
 
 
 def check_file(path: Path, online_tasks: Mapping[str, Any] | None = None) -> list[Problem]:

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import datetime
 import importlib
 import os
 import signal
@@ -127,6 +128,25 @@ class _Summary(msgspec.Struct):
 
 class _Summaries(msgspec.Struct):
     workflows: list[_Summary] = []
+
+
+class _Schedule(msgspec.Struct):
+    name: str
+    workflow: str = ""
+    cron: str | None = None
+    every_s: int | None = None
+    timezone: str = "UTC"
+    catch_up: str = ""
+    version: int | None = None
+    paused: bool = False
+    next_tick: int = 0
+    last_tick: int | None = None
+    last_started: str | None = None
+    last_error: str | None = None
+
+
+class _Schedules(msgspec.Struct):
+    schedules: list[_Schedule] = []
 
 
 class _DefinitionName(msgspec.Struct):
@@ -314,6 +334,79 @@ def _definition(args: argparse.Namespace) -> _Call:
 
 def _definitions(args: argparse.Namespace) -> _Call:
     return _Call("conductor.definitions.list", b"{}")
+
+
+def _schedule_create(args: argparse.Namespace) -> _Call:
+    spec: dict[str, Any] = {
+        "name": args.name,
+        "workflow": args.workflow,
+        "input": msgspec.json.decode(args.input),
+        "catch_up": args.catch_up,
+        "timezone": args.timezone,
+    }
+    if args.cron is not None:
+        spec["cron"] = args.cron
+    if args.every is not None:
+        spec["every_s"] = args.every
+    if args.version is not None:
+        spec["version"] = args.version
+    if args.tenant:
+        spec["tenant"] = args.tenant
+    return _Call("conductor.schedules.create", msgspec.json.encode(spec))
+
+
+def _schedule_call(args: argparse.Namespace) -> _Call:
+    if args.schedules_command == "list":
+        return _Call("conductor.schedules.list", b"{}")
+    return _Call(f"conductor.schedules.{args.schedules_command}.{args.name}")
+
+
+def _when(tick: int | None) -> str:
+    if not tick:
+        return "-"
+    return datetime.datetime.fromtimestamp(tick, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _show_schedule(data: bytes) -> str:
+    schedule = msgspec.json.decode(data, type=_Schedule)
+    rows = [
+        ("schedule", schedule.name),
+        ("starts", schedule.workflow + (f" v{schedule.version}" if schedule.version else "")),
+        ("when", _timing(schedule)),
+        ("catch up", schedule.catch_up),
+        ("paused", "yes" if schedule.paused else "no"),
+        ("next tick", _when(schedule.next_tick)),
+        ("last tick", _when(schedule.last_tick)),
+        ("last started", schedule.last_started or "-"),
+    ]
+    if schedule.last_error:
+        rows.append(("last error", schedule.last_error))
+    return "\n".join(_table(rows))
+
+
+def _timing(schedule: _Schedule) -> str:
+    if schedule.cron:
+        return f"cron {schedule.cron} ({schedule.timezone})"
+    return f"every {schedule.every_s} s"
+
+
+def _show_schedules(data: bytes) -> str:
+    found = msgspec.json.decode(data, type=_Schedules).schedules
+    if not found:
+        return "no schedules"
+    rows = [["name", "workflow", "when", "paused", "next tick", "last started"]]
+    rows += [
+        [
+            s.name,
+            s.workflow,
+            _timing(s),
+            "yes" if s.paused else "no",
+            _when(s.next_tick),
+            s.last_started or "-",
+        ]
+        for s in found
+    ]
+    return "\n".join(_table(rows))
 
 
 def _load(path: Path) -> Any:
@@ -666,6 +759,51 @@ def _add_definitions_commands(
     )
 
 
+def _add_schedules_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    group = commands.add_parser("schedules", help="start workflows on a cron or an interval")
+    schedules = group.add_subparsers(dest="schedules_command", required=True)
+    create = _client_command(
+        schedules,
+        "create",
+        "a schedule: conductor.schedules.create",
+        _schedule_create,
+        _show_schedule,
+    )
+    create.add_argument("name", help="its name; each tick starts <name>-<tick>")
+    create.add_argument("workflow")
+    when = create.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", help='e.g. "0 3 * * *" (six fields: seconds first)')
+    when.add_argument("--every", type=int, metavar="SECONDS")
+    create.add_argument("--input", default="{}", help="the workflow input as JSON")
+    create.add_argument("--catch-up", choices=["skip", "once", "all"], default="skip")
+    create.add_argument("--timezone", default="UTC", help="the cron's IANA timezone")
+    create.add_argument("--version", type=int, help="start this version, not the latest")
+    create.add_argument("--tenant")
+    _client_command(
+        schedules,
+        "list",
+        "every schedule: conductor.schedules.list",
+        _schedule_call,
+        _show_schedules,
+    )
+    for name, summary in (
+        ("get", "one schedule"),
+        ("pause", "stop its ticks"),
+        ("resume", "tick again (the paused ticks are not run)"),
+        ("delete", "remove it"),
+    ):
+        command = _client_command(
+            schedules,
+            name,
+            f"{summary}: conductor.schedules.{name}.<name>",
+            _schedule_call,
+            _show_schedule,
+        )
+        command.add_argument("name")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kapellmeister",
@@ -684,6 +822,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
     _add_workflow_commands(commands)
     _add_definitions_commands(commands)
+    _add_schedules_commands(commands)
     check = commands.add_parser("check", help="static checks of a definition file")
     check.add_argument("file")
     check.add_argument(

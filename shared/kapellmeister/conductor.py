@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import datetime
 import functools
 import logging
 import math
@@ -93,6 +94,13 @@ from kapellmeister.publisher import Publisher
 from kapellmeister.recovery import Recovery, is_old
 from kapellmeister.registry import DefinitionStore, Registry
 from kapellmeister.runtime import within
+from kapellmeister.schedules import (
+    SCHEDULES,
+    Schedule,
+    Scheduler,
+    TickRefused,
+    from_definition,
+)
 from kapellmeister.store import CasConflict, SagaStore, Versioned
 from kapellmeister.topology import (
     DEADLETTERS,
@@ -137,6 +145,7 @@ class Conductor:
         self._poison: Subscription | None = None
         self._leases: KeyValue | None = None
         self._tenants: KeyValue | None = None
+        self._scheduler: Scheduler | None = None
         # What the sweeper re-drove, by workflow: the updated_at it saw, how often, and
         # when next. An unchanged workflow is re-driven again with doubling gaps (a
         # republish that was acknowledged can still be lost to a server crash), not at
@@ -170,6 +179,11 @@ class Conductor:
     def leases(self) -> KeyValue:
         assert self._leases is not None, "start() first"
         return self._leases
+
+    @property
+    def scheduler(self) -> Scheduler:
+        assert self._scheduler is not None, "start() first"
+        return self._scheduler
 
     @property
     def definitions(self) -> DefinitionStore:
@@ -221,7 +235,11 @@ class Conductor:
         # replicas, on the subjects some trigger listens to, kept in step as
         # definitions are registered.
         await self.sync_triggers()
-        self._definitions.on_change = self._triggers_changed
+        # Schedules start workflows on their ticks, whichever replica sees one first.
+        self._scheduler = Scheduler(buckets[SCHEDULES], self._start_tick, self._now_s)
+        await self._scheduler.run()
+        await self.sync_schedules()
+        self._definitions.on_change = self._definitions_changed
         self._service = await serve_api(self, nc)
         # JetStream says when a task message ran out of deliveries (its agent kept dying
         # on it); one replica (a queue group) fails the task instead of letting it hang.
@@ -242,6 +260,8 @@ class Conductor:
         if self._poison is not None:
             await _bounded("poison advisories", self._poison.unsubscribe(), 5.0)
             self._poison = None
+        if self._scheduler is not None:
+            await _bounded("scheduler", self._scheduler.stop(), 5.0)
         if self._sweeper is not None:
             self._sweeper.cancel()
             await _bounded("sweeper", asyncio.gather(self._sweeper, return_exceptions=True), 5.0)
@@ -263,11 +283,24 @@ class Conductor:
         if self._publisher is not None:
             await _bounded("publisher", self._publisher.stop(), 5.0)
 
-    def _triggers_changed(self) -> None:
-        """A definition was added (here or by another replica): follow its triggers."""
-        task = asyncio.create_task(self.sync_triggers(), name="sync triggers")
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def _definitions_changed(self) -> None:
+        """A definition was added (here or by another replica): follow its triggers, and
+        store its schedules."""
+        for step, name in ((self.sync_triggers, "sync triggers"), (self.sync_schedules, "")):
+            task = asyncio.create_task(step(), name=name or "sync schedules")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def sync_schedules(self) -> None:
+        """Store the schedules the latest version of each definition brings, or bring the
+        stored ones up to date (every replica may: the same spec is a no-op)."""
+        for name in self.registry.names():
+            definition = self.registry.get(name)
+            for spec in from_definition(definition.spec):
+                try:
+                    await self.scheduler.ensure(spec, self.clock.now())
+                except KapellmeisterError as exc:
+                    log.warning("schedule %s of %s not stored: %s", spec.name, name, exc)
 
     async def sync_triggers(self) -> None:
         """Consume the events some trigger may start a workflow from, and no others.
@@ -519,6 +552,22 @@ class Conductor:
                 started_ns or time.time_ns(),
             )
         return state
+
+    def _now_s(self) -> int:
+        """The server's time now, in whole Unix seconds (a schedule's ticks)."""
+        return int(datetime.datetime.fromisoformat(self.clock.now()).timestamp())
+
+    async def _start_tick(self, schedule: Schedule, workflow_id: str) -> str:
+        """Start one tick's workflow (idempotent by its id); its status, or why not."""
+        headers = {"Tenant": schedule.tenant} if schedule.tenant else {}
+        try:
+            definition = await self.definitions.get(schedule.workflow, schedule.version)
+            definition.validate_input(schedule.input)
+        except KapellmeisterError as exc:
+            # Not retried at every pass: the tick is recorded, the schedule says why.
+            raise TickRefused(exc.message) from exc
+        state = await self.start_from(definition, workflow_id, schedule.input, headers)
+        return state.status
 
     async def switched_off(self, workflow: str, version: int, tenant: str) -> list[str]:
         """The tasks of ``workflow`` switched off for ``tenant``: the definition's

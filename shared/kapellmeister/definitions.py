@@ -44,6 +44,7 @@ __all__ = [
     "GraphTask",
     "JoinTask",
     "RetryPolicy",
+    "ScheduleDef",
     "SetVariableTask",
     "SimpleTask",
     "SubWorkflowTask",
@@ -237,6 +238,20 @@ class Trigger(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     input: dict[str, Json] = {}
 
 
+class ScheduleDef(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A schedule the definition brings (`kapellmeister.schedules`): stored, or brought up
+    to date, when the definition is registered or a conductor starts. ``name`` defaults
+    to the workflow's (``<workflow>-<n>`` for the n-th of several)."""
+
+    name: Name | None = None
+    cron: str | None = None
+    every_s: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    input: dict[str, Json] = {}
+    catch_up: Literal["skip", "once", "all"] = "skip"
+    timezone: str = "UTC"
+    tenant: str = ""
+
+
 class TenantConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What a tenant does not get: the refs of tasks switched off (SKIPPED) for it.
     (Not ``off``: YAML reads an unquoted ``off`` as false.)"""
@@ -261,6 +276,8 @@ class WorkflowDef(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     triggers: list[Trigger] = []
     # Per tenant (the `Tenant` header of a start), tasks switched off.
     tenants: dict[str, TenantConfig] = {}
+    # Starts on a cron or an interval (`kapellmeister.schedules`).
+    schedules: list[ScheduleDef] = []
     # How long a finished workflow is kept after it ends; then the sweeper removes its
     # saga from KV. None: KAPELLMEISTER_RETENTION_S, and without that, kept.
     retention_s: PositiveSeconds | None = None

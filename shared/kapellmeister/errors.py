@@ -7,7 +7,8 @@ The tree::
     │   └── InvalidDefinition          invalid_definition 400
     ├── NotFound                       not_found     404
     │   ├── WorkflowNotFound           workflow_not_found 404
-    │   └── DefinitionNotFound         definition_not_found 404
+    │   ├── DefinitionNotFound         definition_not_found 404
+    │   └── ScheduleNotFound           schedule_not_found 404
     ├── Conflict                       conflict      409
     ├── Unavailable                    unavailable   503
     └── TaskError                      task_error    500 (or what the handler says)
@@ -33,6 +34,7 @@ __all__ = [
     "InvalidDefinition",
     "KapellmeisterError",
     "NotFound",
+    "ScheduleNotFound",
     "TaskError",
     "Unavailable",
     "WorkflowNotFound",
@@ -92,6 +94,10 @@ class WorkflowNotFound(NotFound):
 
 class DefinitionNotFound(NotFound):
     code = "definition_not_found"
+
+
+class ScheduleNotFound(NotFound):
+    code = "schedule_not_found"
 
 
 class Conflict(KapellmeisterError):

@@ -84,6 +84,8 @@ BUCKETS: Final = {
     "gathers": 1,
     "tenants": 5,
     "workflow_index": 1,
+    # Schedules (`kapellmeister.schedules`): a few revisions, for `nats kv history`.
+    "schedules": 5,
 }
 # A lease outlives its attempt by at most a day (a crashed agent never deletes it); a
 # scatter-gather group is kept a week.

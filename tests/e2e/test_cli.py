@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from kapellmeister.processes import wait_for_services
-from tests.support import Stack, call
+from tests.support import Stack, call, stored_keys
 
 pytestmark = pytest.mark.e2e
 
@@ -299,3 +299,33 @@ def test_graph_writes_an_svg_of_its_own(tmp_path):
     root = ElementTree.fromstring(svg.read_text())
     refs = {g.get("data-ref") for g in root.iter("{http://www.w3.org/2000/svg}g")}
     assert {"agenda", "weather", "run", "code_for_fun", "notify"} <= refs
+
+
+async def test_schedules_create_list_get_pause_resume_delete(nats_url, conductor, js):
+    run = cli(nats_url)
+    made = run("schedules", "create", "tick", "approval", "--every", "1", "--input", '{"money": 2}')
+    assert made.returncode == 0, made.stderr
+    assert re.search(r"^schedule\s+tick$", made.stdout, re.M)
+    assert re.search(r"^when\s+every 1 s$", made.stdout, re.M)
+    for _ in range(100):  # its first ticks start approvals tick-<tick>
+        if len([k for k in await _workflow_keys(js) if k.startswith("tick-")]) >= 2:
+            break
+        await asyncio.sleep(0.1)
+    listed = run("schedules", "list")
+    header, row = listed.stdout.splitlines()
+    assert header.split()[:3] == ["name", "workflow", "when"]
+    assert row.split()[:2] == ["tick", "approval"]
+    assert _json(run("schedules", "pause", "tick", "--json").stdout)["paused"] is True
+    got = run("schedules", "get", "tick")
+    assert re.search(r"^paused\s+yes$", got.stdout, re.M)
+    assert re.search(r"^last started\s+tick-\d+$", got.stdout, re.M)
+    assert _json(run("schedules", "resume", "tick", "--json").stdout)["paused"] is False
+    assert run("schedules", "delete", "tick").returncode == 0
+    gone = run("schedules", "get", "tick")
+    assert gone.returncode == 1 and _json(gone.stderr)["error"]["code"] == 404
+    refused = run("schedules", "create", "bad", "approval", "--cron", "61 * * * *")
+    assert refused.returncode == 1 and _json(refused.stderr)["error"]["code"] == 400
+
+
+async def _workflow_keys(js) -> list[str]:
+    return await stored_keys(js, "workflows")
