@@ -459,3 +459,40 @@ async def test_the_ui_stops_at_once_with_pages_open(ui, nc):
                 await stream.next("saga", timeout=5)
     log = process.log_tail(100_000)
     assert "Traceback" not in log and "ERROR" not in log, log
+
+
+async def test_schedules_are_created_paused_and_deleted_from_the_page(ui, page, nc, js):
+    await page.goto(f"{ui.url}/schedules")
+    await expect(page.locator("table.schedules tr.empty")).to_have_text("no schedules")
+    form = page.locator("form[action='/schedules']")
+    await form.locator("input[name=name]").fill("tick")
+    await form.locator("select[name=workflow]").select_option("approval")
+    await form.locator("textarea[name=input]").fill('{"money": 3}')
+    await form.locator("input[name=cron]").fill("61 * * * *")  # no such minute
+    await form.get_by_role("button", name="Create schedule").click()
+    await expect(page.locator("#flash")).to_contain_text("400 bad_request: cron '61 * * * *'")
+
+    await form.locator("input[value=every]").check()
+    await form.locator("input[name=every_s]").fill("1")
+    await form.locator("select[name=catch_up]").select_option("all")
+    await form.get_by_role("button", name="Create schedule").click()
+    row = page.locator("table.schedules tr[data-name=tick]")
+    await expect(row).to_contain_text("every 1 s")
+    stored = body(await call(nc, "conductor.schedules.get.tick", b""))
+    assert (stored["every_s"], stored["catch_up"], stored["input"]) == (1, "all", {"money": 3})
+    for _ in range(30):  # the page is not live: look again until a tick has started
+        if await row.locator("a.last-started").count():
+            break
+        await asyncio.sleep(0.5)
+        await page.reload()
+    started = await row.locator("a.last-started").text_content()
+    assert started is not None and started.startswith("tick-")
+    assert (await saga(js, started))["input"] == {"money": 3}
+    await shot(page, "schedules", full_page=False)
+
+    await row.get_by_role("button", name="Pause").click()
+    await expect(row).to_have_attribute("data-paused", "yes")
+    assert body(await call(nc, "conductor.schedules.get.tick", b""))["paused"] is True
+    await row.get_by_role("button", name="Delete").click()
+    await expect(page.locator("table.schedules tr[data-name]")).to_have_count(0)
+    assert_error(await call(nc, "conductor.schedules.get.tick", b""), 404)

@@ -5,9 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import pytest
+from starlette.datastructures import FormData
 
 from kapellmeister.messages import Saga
 from kapellmeister.ui.app import _list_query
+from kapellmeister.ui.client import ApiError
+from kapellmeister.ui.schedule_pages import spec_of, tick_text
 from kapellmeister.ui.views import SHOWN_CHARS, clock, input_example, pretty, timeline, waiting
 
 
@@ -154,3 +158,33 @@ def test_a_huge_value_is_cut_and_says_so():
     assert len(text) < SHOWN_CHARS + 100
     assert text.endswith("… cut: 50,016 characters in all (conductor.get has them)")
     assert pretty({"small": 1}) == '{\n  "small": 1\n}'
+
+
+def test_the_schedule_form_becomes_the_apis_request():
+    form = FormData(
+        [
+            ("name", " nightly "),
+            ("workflow", "plan_day"),
+            ("timing", "cron"),
+            ("cron", "0 6 * * *"),
+            ("timezone", ""),
+            ("every_s", "5"),
+            ("input", '{"user": "ann"}'),
+            ("catch_up", "once"),
+            ("tenant", ""),
+        ]
+    )
+    assert spec_of(form) == {
+        "name": "nightly",
+        "workflow": "plan_day",
+        "cron": "0 6 * * *",
+        "timezone": "UTC",
+        "input": {"user": "ann"},
+        "catch_up": "once",
+    }
+    every = FormData([("name", "n"), ("workflow", "w"), ("timing", "every"), ("every_s", "60")])
+    assert spec_of(every)["every_s"] == 60 and "cron" not in spec_of(every)
+    with pytest.raises(ApiError) as raised:
+        spec_of(FormData([("name", "n"), ("input", "{nope")]))
+    assert raised.value.code == 400 and "not JSON" in raised.value.message
+    assert tick_text(1_794_999_600) == "2026-11-18 11:00:00" and tick_text(None) == "-"

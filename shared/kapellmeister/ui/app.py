@@ -9,6 +9,7 @@ for the list. Every action is one request on ``conductor.*`` (`ConductorClient`)
 with the API's reply or its error, so the UI cannot do what the API refuses.
 
 Routes: ``GET /``, ``/workflows/<id>``, ``/definitions``, ``/definitions/<name>``,
+``/schedules`` (`kapellmeister.ui.schedule_pages`, which also takes its POSTs),
 ``/live/workflows``, ``/live/workflows/<id>``, ``/healthz``; ``POST
 /workflows/<id>/<action>`` (signal, retry, rerun, pause, resume, terminate) and
 ``/definitions/<name>/start``. A POST answers JSON when asked (``Accept:
@@ -25,7 +26,6 @@ import re
 from collections.abc import AsyncIterator, Mapping
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
 
 import jinja2
 import msgspec
@@ -63,6 +63,7 @@ from kapellmeister.registry import DefinitionSummaries
 from kapellmeister.runtime import connect
 from kapellmeister.ui.client import ApiError, ConductorClient
 from kapellmeister.ui.live import Streams, sse
+from kapellmeister.ui.schedule_pages import SchedulePages, tick_text
 from kapellmeister.ui.svg import to_svg
 from kapellmeister.ui.views import (
     SHOWN_TASKS,
@@ -72,6 +73,7 @@ from kapellmeister.ui.views import (
     timeline,
     waiting,
 )
+from kapellmeister.ui.web import CROSS_SITE, error_response, same_origin, wants_json
 
 __all__ = ["LOOPBACK", "create_app"]
 
@@ -90,7 +92,6 @@ _decode_saga = msgspec.json.Decoder(Saga).decode
 _decode_summaries = msgspec.json.Decoder(WorkflowSummaries).decode
 _decode_definitions = msgspec.json.Decoder(DefinitionSummaries).decode
 _decode_started = msgspec.json.Decoder(StartReply).decode
-_CROSS_SITE = ApiError(403, "forbidden", "a page of another site may not act through this UI")
 _encode = msgspec.json.Encoder().encode
 
 
@@ -104,6 +105,7 @@ def _templates() -> jinja2.Environment:
     )
     env.filters["pretty"] = pretty
     env.filters["clock"] = clock
+    env.filters["tick"] = tick_text
     return env
 
 
@@ -244,25 +246,6 @@ def _list_query(params: Mapping[str, str]) -> dict[str, Any]:
     return query
 
 
-def _wants_json(request: Request) -> bool:
-    return "application/json" in request.headers.get("accept", "")
-
-
-def _same_origin(request: Request) -> bool:
-    """A POST from this UI's own pages only: a page of another site must not act through
-    a browser on the operator's machine (cross-site request forgery)."""
-    origin = request.headers.get("origin")
-    if origin is None:
-        return request.headers.get("sec-fetch-site", "same-origin") in {"same-origin", "none"}
-    return urlsplit(origin).netloc == request.headers.get("host")
-
-
-def _error_response(request: Request, ui: _Ui, error: ApiError, back: str) -> Response:
-    if _wants_json(request):
-        return Response(error.body, status_code=error.code, media_type="application/json")
-    return ui.render("error.html", status_code=error.code, error=error, back=back)
-
-
 # --- the application ----------------------------------------------------------------------
 
 
@@ -334,14 +317,14 @@ class _Pages:
     async def act(self, request: Request) -> Response:
         workflow_id, action = request.path_params["workflow_id"], request.path_params["action"]
         back = f"/workflows/{workflow_id}"
-        if not _same_origin(request):
-            return _error_response(request, self.ui, _CROSS_SITE, "/")
+        if not same_origin(request):
+            return error_response(request, self.ui, CROSS_SITE, "/")
         try:
             subject, payload = await _action_request(request, workflow_id, action)
             saga = _decode_saga(await self.ui.api.call(subject, payload))
         except ApiError as exc:
-            return _error_response(request, self.ui, exc, back)
-        if _wants_json(request):
+            return error_response(request, self.ui, exc, back)
+        if wants_json(request):
             return JSONResponse(await self.ui.update(saga))
         return RedirectResponse(back, status_code=303)
 
@@ -376,8 +359,8 @@ class _Pages:
 
     async def start(self, request: Request) -> Response:
         name = request.path_params["name"]
-        if not _same_origin(request):
-            return _error_response(request, self.ui, _CROSS_SITE, "/")
+        if not same_origin(request):
+            return error_response(request, self.ui, CROSS_SITE, "/")
         form = await request.form()
         headers = {
             header: str(form.get(field, "")).strip()
@@ -396,9 +379,9 @@ class _Pages:
                 await self.ui.api.call(f"conductor.start.{name}", payload, headers or None)
             )
         except ApiError as exc:
-            return _error_response(request, self.ui, exc, f"/definitions/{name}")
+            return error_response(request, self.ui, exc, f"/definitions/{name}")
         location = f"/workflows/{reply.workflow_id}"
-        if _wants_json(request):
+        if wants_json(request):
             started = {"workflow_id": reply.workflow_id, "status": reply.status}
             return JSONResponse({**started, "location": location})
         return RedirectResponse(location, status_code=303)
@@ -418,6 +401,7 @@ def create_app(settings: Settings, allowed_hosts: list[str] | None = None) -> St
     """
     ui = _Ui(settings)
     pages = _Pages(ui)
+    schedules = SchedulePages(ui)
     static = resources.files("kapellmeister.ui") / "static"
     routes = [
         Route("/", pages.list_page),
@@ -429,6 +413,9 @@ def create_app(settings: Settings, allowed_hosts: list[str] | None = None) -> St
         Route("/definitions", pages.definitions_page),
         Route("/definitions/{name}", pages.definition_page),
         Route("/definitions/{name}/start", pages.start, methods=["POST"]),
+        Route("/schedules", schedules.page),
+        Route("/schedules", schedules.create, methods=["POST"]),
+        Route("/schedules/{name}/{action}", schedules.act, methods=["POST"]),
         Mount("/static", StaticFiles(directory=str(static)), name="static"),
     ]
     app = Starlette(
