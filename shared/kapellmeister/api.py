@@ -248,7 +248,15 @@ class _Api:
         return _encode(await self.conductor.scheduler.resume(_schedule_name(request)))
 
     async def schedule_delete(self, request: Request) -> bytes:
-        return _encode(await self.conductor.scheduler.delete(_schedule_name(request)))
+        name = _schedule_name(request)
+        brought = self.conductor.brought_schedules().get(name)
+        if brought is not None:
+            # It would be stored again at the next registration or conductor start.
+            raise Conflict(
+                f"schedule {name!r} comes with the definition {brought.workflow}: pause it, "
+                f"or register a version of {brought.workflow} without it"
+            )
+        return _encode(await self.conductor.scheduler.delete(name))
 
     async def _request_fact(self, request: Request, fact: Fact) -> bytes:
         """Apply a fact a request states; reply with the saga state after it."""

@@ -13,7 +13,8 @@ path in the definition (``tasks[2].input.date``):
 * a SUB_WORKFLOW naming an unknown workflow, or a chain of sub-workflows that comes
   back to this one (a cycle);
 * a schedule with no or both of ``cron`` and ``every_s``, a cron that does not parse, an
-  unknown timezone, or an input the workflow would refuse.
+  unknown timezone, an input the workflow would refuse, or a name that is not one (too
+  long: ``<workflow>-<n>``) or is used twice.
 
 Agent task registrations and other definitions are optional inputs: offline, only what
 the definition alone can tell is checked.
@@ -39,7 +40,7 @@ from kapellmeister.definitions import (
 )
 from kapellmeister.errors import BadRequest, InvalidDefinition
 from kapellmeister.expressions import Compiled, DictOf, ListOf, Reference, paths
-from kapellmeister.schedules import from_definition, validate
+from kapellmeister.schedules import SCHEDULE_NAME, from_definition, validate
 
 __all__ = ["Problem", "SubWorkflows", "check", "check_file", "problems_message"]
 
@@ -87,7 +88,16 @@ def check(
 def _check_schedules(definition: Definition) -> Iterator[Problem]:
     """Each schedule's timing (one of cron and every_s, a cron that parses, a known
     timezone) and its input, against the definition's own input schema."""
+    seen: set[str] = set()
     for n, spec in enumerate(from_definition(definition.spec)):
+        if not SCHEDULE_NAME.fullmatch(spec.name):
+            yield Problem(
+                path=f"schedules[{n}]",
+                message=f"name {spec.name!r} is not 1-64 of A-Z a-z 0-9 _ - (give it a `name`)",
+            )
+        elif spec.name in seen:
+            yield Problem(path=f"schedules[{n}]", message=f"name {spec.name!r} is used twice")
+        seen.add(spec.name)
         try:
             validate(spec)
         except BadRequest as exc:

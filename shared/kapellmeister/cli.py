@@ -337,10 +337,15 @@ def _definitions(args: argparse.Namespace) -> _Call:
 
 
 def _schedule_create(args: argparse.Namespace) -> _Call:
+    try:
+        data = msgspec.json.decode(args.input)
+    except msgspec.DecodeError as exc:
+        print(f"--input is not JSON: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     spec: dict[str, Any] = {
         "name": args.name,
         "workflow": args.workflow,
-        "input": msgspec.json.decode(args.input),
+        "input": data,
         "catch_up": args.catch_up,
         "timezone": args.timezone,
     }

@@ -98,6 +98,7 @@ from kapellmeister.schedules import (
     SCHEDULES,
     Schedule,
     Scheduler,
+    ScheduleSpec,
     TickRefused,
     from_definition,
 )
@@ -286,21 +287,30 @@ class Conductor:
     def _definitions_changed(self) -> None:
         """A definition was added (here or by another replica): follow its triggers, and
         store its schedules."""
-        for step, name in ((self.sync_triggers, "sync triggers"), (self.sync_schedules, "")):
-            task = asyncio.create_task(step(), name=name or "sync schedules")
+        for task in (
+            asyncio.create_task(self.sync_triggers(), name="sync triggers"),
+            asyncio.create_task(self.sync_schedules(), name="sync schedules"),
+        ):
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
     async def sync_schedules(self) -> None:
         """Store the schedules the latest version of each definition brings, or bring the
         stored ones up to date (every replica may: the same spec is a no-op)."""
+        for name, spec in self.brought_schedules().items():
+            definition = self.registry.get(spec.workflow)
+            try:
+                await self.scheduler.ensure(spec, self.clock.now(), definition.version)
+            except KapellmeisterError as exc:
+                log.warning("schedule %s of %s not stored: %s", name, spec.workflow, exc)
+
+    def brought_schedules(self) -> dict[str, ScheduleSpec]:
+        """The schedules the latest version of each definition brings, by name."""
+        brought: dict[str, ScheduleSpec] = {}
         for name in self.registry.names():
-            definition = self.registry.get(name)
-            for spec in from_definition(definition.spec):
-                try:
-                    await self.scheduler.ensure(spec, self.clock.now())
-                except KapellmeisterError as exc:
-                    log.warning("schedule %s of %s not stored: %s", spec.name, name, exc)
+            for spec in from_definition(self.registry.get(name).spec):
+                brought[spec.name] = spec
+        return brought
 
     async def sync_triggers(self) -> None:
         """Consume the events some trigger may start a workflow from, and no others.

@@ -56,6 +56,7 @@ __all__ = [
     "TickRefused",
     "due",
     "from_definition",
+    "latest_ticks",
     "next_tick",
     "validate",
     "workflow_id_of",
@@ -66,6 +67,8 @@ SCHEDULES: Final = "schedules"
 ON_TIME_S: Final = 60
 # An ``all`` schedule runs at most this many missed ticks (the newest of them).
 MAX_CATCH_UP: Final = 1_000
+# Each replica reads every schedule again this often (seconds), besides its watch.
+REFRESH_S: Final = 30.0
 
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 # A schedule's name goes into subjects (conductor.schedules.get.<name>) and workflow ids.
@@ -87,10 +90,13 @@ class ScheduleSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     tenant: str = ""
 
 
-class Schedule(ScheduleSpec, frozen=True, kw_only=True):
-    """A schedule as stored and as the API answers: its spec and where it has got."""
+class Schedule(ScheduleSpec, frozen=True, kw_only=True, forbid_unknown_fields=False):
+    """A schedule as stored and as the API answers: its spec and where it has got.
+    (Unknown fields are ignored, so a newer replica's writes stay readable.)"""
 
     paused: bool = False
+    # The version of the definition that brought it (None: made by the API).
+    brought_by: int | None = None
     created_at: str = ""
     # The last tick handled (started, or skipped as missed), Unix seconds.
     last_tick: int | None = None
@@ -149,17 +155,35 @@ def next_tick(spec: ScheduleSpec, after: int) -> int:
     return int(next(CronSim(spec.cron, moment)).timestamp())
 
 
+def latest_ticks(spec: ScheduleSpec, now: int, since: int, limit: int) -> list[int]:
+    """The ticks from ``since`` to ``now`` (both included), newest first, at most
+    ``limit``: however long ago ``since`` was, this costs at most ``limit`` steps."""
+    if spec.every_s is not None:
+        every = spec.every_s
+        latest = now // every * every
+        first = max(since, latest - (limit - 1) * every)
+        first = -(-first // every) * every  # the first multiple at or after it
+        return list(range(latest, first - 1, -every))
+    assert spec.cron is not None
+    # Backwards from just after now: ticks are whole seconds, so this includes now.
+    moment = datetime.datetime.fromtimestamp(now + 1, _zone(spec.timezone))
+    found: list[int] = []
+    for earlier in CronSim(spec.cron, moment, reverse=True):
+        tick = int(earlier.timestamp())
+        if tick < since or len(found) == limit:
+            break
+        found.append(tick)
+    return found
+
+
 def due(schedule: Schedule, now: int) -> Firing | None:
     """The ticks to start now, by the schedule's catch-up policy (None: none is due)."""
     if schedule.paused or schedule.next_tick > now:
         return None
-    missed: list[int] = []
-    tick = schedule.next_tick
-    while tick <= now:
-        missed.append(tick)
-        if len(missed) > MAX_CATCH_UP:
-            missed.pop(0)
-        tick = next_tick(schedule, tick)
+    missed = latest_ticks(schedule, now, schedule.next_tick, MAX_CATCH_UP)[::-1]
+    upcoming = next_tick(schedule, now)
+    if not missed:  # its timing changed under it: nothing of the old one is owed
+        return Firing(ticks=[], last_tick=now, next_tick=upcoming)
     latest = missed[-1]
     match schedule.catch_up:
         case "all":
@@ -168,7 +192,7 @@ def due(schedule: Schedule, now: int) -> Firing | None:
             ticks = [latest]
         case _:
             ticks = [latest] if now - latest <= ON_TIME_S else []
-    return Firing(ticks=ticks, last_tick=latest, next_tick=tick)
+    return Firing(ticks=ticks, last_tick=latest, next_tick=upcoming)
 
 
 def workflow_id_of(name: str, tick: int) -> str:
@@ -198,6 +222,16 @@ _decode = msgspec.json.Decoder(Schedule).decode
 
 log = logging.getLogger(__name__)
 
+
+def _decoded(name: str, value: bytes | None) -> Schedule | None:
+    """A stored schedule, or None (logged) for a value that is not one."""
+    try:
+        return _decode(value or b"")
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.warning("schedule %s: stored value unreadable, skipped: %s", name, exc)
+        return None
+
+
 # Starts one tick's workflow: (schedule, workflow id) → its status; idempotent by id.
 StartTick = Callable[[Schedule, str], Awaitable[str]]
 
@@ -208,27 +242,29 @@ class TickRefused(Exception):
 
 
 class Scheduler:
-    """One replica's share of the schedules: the bucket followed by a watch, due ticks
-    started. Between ticks it reads nothing: the watch keeps each schedule's next tick."""
+    """One replica's share of the schedules: the bucket followed by a watch (and read
+    again every `REFRESH_S`, should the watch have missed something), due ticks started.
+    Between ticks it reads nothing: the watch keeps each schedule's next tick."""
 
     def __init__(
         self,
         kv: KeyValue,
         start: StartTick,
         now: Callable[[], int],
-        every_s: float = 0.25,
+        poll_s: float = 0.25,
     ) -> None:
         self.kv = kv
         self.start = start
         self.now = now
-        self.every_s = every_s
+        self.poll_s = poll_s
         self.known: dict[str, Schedule] = {}
+        # A schedule whose pass failed is tried again after a growing pause.
+        self._failures: dict[str, tuple[int, float]] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     async def run(self) -> None:
         """Load every schedule, then follow the bucket and fire what falls due."""
-        async for name, value in read_bucket(self.kv):
-            self.known[name] = _decode(value)
+        await self.refresh()
         self._tasks = [
             asyncio.create_task(self._follow(), name="schedules watch"),
             asyncio.create_task(self._forever(), name="scheduler"),
@@ -239,83 +275,138 @@ class Scheduler:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _follow(self) -> None:
-        watcher = await self.kv.watchall()
-        try:
-            while True:
-                with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
-                    entry = await watcher.updates(timeout=60)
-                    if entry is None:
-                        continue
-                    if entry.value and entry.operation is None:
-                        self.known[entry.key] = _decode(entry.value)
-                    else:
-                        self.known.pop(entry.key, None)
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
+    async def refresh(self) -> None:
+        """Read every schedule again."""
+        found: dict[str, Schedule] = {}
+        async for name, value in read_bucket(self.kv):
+            if (schedule := _decoded(name, value)) is not None:
+                found[name] = schedule
+        self.known = found
 
-    async def _forever(self) -> None:
+    def _note(self, name: str, value: bytes | None) -> None:
+        schedule = _decoded(name, value) if value else None
+        if schedule is None:
+            self.known.pop(name, None)
+        else:
+            self.known[name] = schedule
+
+    async def _follow(self) -> None:
+        """The bucket's changes into `known`; a watch that fails is made again."""
         while True:
             try:
-                await self.tick()
-            except Exception:  # a pass that fails is tried again next time
-                log.exception("scheduler pass failed")
-            await asyncio.sleep(self.every_s)
+                watcher = await self.kv.watchall()
+                try:
+                    while True:
+                        with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
+                            entry = await watcher.updates(timeout=60)
+                            if entry is not None:
+                                self._note(entry.key, entry.value if not entry.operation else None)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("schedules watch failed (%r); watching again", exc)
+                await asyncio.sleep(1.0)
+
+    async def _forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        refreshed = loop.time()
+        while True:
+            if loop.time() - refreshed >= REFRESH_S:
+                with contextlib.suppress(Exception):
+                    await self.refresh()
+                refreshed = loop.time()
+            await self.tick()
+            await asyncio.sleep(self.poll_s)
 
     async def tick(self) -> int:
-        """Start every due tick of every schedule; how many workflows it started."""
+        """Start every due tick of every schedule; how many workflows it started. One
+        schedule's failure (NATS, its definition) holds back neither the others nor
+        itself for long: it is tried again after 0.5 s, doubling up to a minute."""
+        loop = asyncio.get_running_loop()
         now = self.now()
         started = 0
         for name, schedule in list(self.known.items()):
-            if not schedule.paused and schedule.next_tick <= now:
+            failures, retry_at = self._failures.get(name, (0, 0.0))
+            if schedule.paused or schedule.next_tick > now or retry_at > loop.time():
+                continue
+            try:
                 started += await self._fire(name)
+            except Exception as exc:
+                failures += 1
+                pause = min(60.0, 0.5 * 2 ** (failures - 1))
+                self._failures[name] = (failures, loop.time() + pause)
+                log.warning(
+                    "schedule %s: a pass failed (%r); again in %.1f s",
+                    name,
+                    exc,
+                    pause,
+                    exc_info=failures == 1,
+                )
+            else:
+                self._failures.pop(name, None)
         return started
 
     async def _fire(self, name: str) -> int:
-        """Start what is due for ``name``, then record it (compare-and-set: a replica
-        that lost the race finds it recorded, and its starts were no-ops by id)."""
-        for _ in range(5):
-            try:
-                entry = await self.kv.get(name)
-            except KeyNotFoundError:
-                self.known.pop(name, None)
-                return 0
-            if not entry.value:
-                return 0
-            schedule = self.known[name] = _decode(entry.value)
-            firing = due(schedule, self.now())
-            if firing is None:
-                return 0
-            last, error = schedule.last_started, None
-            for tick in firing.ticks:
-                workflow_id = workflow_id_of(schedule.name, tick)
-                try:
-                    status = await self.start(schedule, workflow_id)
-                except TickRefused as exc:
-                    error = f"tick {tick} ({workflow_id}): {exc}"
-                    log.warning("schedule %s: %s", name, error)
-                    continue
-                last = workflow_id
-                log.info("schedule %s: tick %d started %s (%s)", name, tick, last, status)
-            moved = msgspec.structs.replace(
-                schedule,
-                last_tick=firing.last_tick,
-                next_tick=firing.next_tick,
-                last_started=last,
-                last_error=error,
+        """Start what is due for ``name``, recording each tick after its start by a
+        compare-and-set: a pause or a delete stops it after the tick that runs, and a
+        replica that lost the race stops at once (its starts were no-ops by id)."""
+        try:
+            entry = await self.kv.get(name)
+        except KeyNotFoundError:
+            entry = None
+        schedule = _decoded(name, entry.value) if entry is not None and entry.value else None
+        if entry is None or schedule is None:
+            self.known.pop(name, None)
+            return 0
+        self.known[name] = schedule
+        firing = due(schedule, self.now())
+        if firing is None:
+            return 0
+        revision = entry.revision
+        if not firing.ticks:  # all missed, none to run: only moved on
+            passed = msgspec.structs.replace(
+                schedule, last_tick=firing.last_tick, next_tick=firing.next_tick
             )
+            with contextlib.suppress(KeyWrongLastSequenceError):
+                await self.kv.update(name, _encode(passed), last=revision)
+                self.known[name] = passed
+            return 0
+        started = 0
+        for tick in firing.ticks:
+            moved = await self._start_one(schedule, firing, tick)
             try:
-                await self.kv.update(name, _encode(moved), last=entry.revision)
+                revision = await self.kv.update(name, _encode(moved), last=revision)
             except KeyWrongLastSequenceError:
-                continue  # another replica recorded it, or the schedule changed: again
-            self.known[name] = moved
-            return len(firing.ticks)
-        return 0
+                break  # another replica recorded it, or it was paused or deleted
+            started += moved.last_error is None
+            schedule = self.known[name] = moved
+        return started
+
+    async def _start_one(self, schedule: Schedule, firing: Firing, tick: int) -> Schedule:
+        """Start ``tick``'s workflow; the schedule moved past it (and past the missed
+        ticks before it that are not run)."""
+        workflow_id = workflow_id_of(schedule.name, tick)
+        last: str | None = workflow_id
+        error = None
+        try:
+            status = await self.start(schedule, workflow_id)
+            log.info("schedule %s: tick %d started %s (%s)", schedule.name, tick, last, status)
+        except TickRefused as exc:
+            last, error = schedule.last_started, f"tick {tick} ({workflow_id}): {exc}"
+            log.warning("schedule %s: %s", schedule.name, error)
+        after = firing.next_tick if tick == firing.last_tick else next_tick(schedule, tick)
+        return msgspec.structs.replace(
+            schedule, last_tick=tick, next_tick=after, last_started=last, last_error=error
+        )
 
     # --- the API's operations (conductor.schedules.*) ----------------------------------
 
-    async def create(self, spec: ScheduleSpec, created_at: str) -> Schedule:
+    async def create(
+        self, spec: ScheduleSpec, created_at: str, brought_by: int | None = None
+    ) -> Schedule:
         """Store a new schedule, its first tick the next one from now; the same spec
         again returns the stored schedule.
 
@@ -328,6 +419,7 @@ class Scheduler:
             **msgspec.structs.asdict(spec),
             created_at=created_at,
             next_tick=next_tick(spec, self.now()),
+            brought_by=brought_by,
         )
         try:
             await self.kv.create(spec.name, _encode(schedule))
@@ -341,18 +433,20 @@ class Scheduler:
         self.known[spec.name] = schedule
         return schedule
 
-    async def ensure(self, spec: ScheduleSpec, created_at: str) -> Schedule:
-        """`create`, or bring a stored schedule to ``spec`` (a definition's schedule after
-        a new version): its progress and pause are kept; a new timing ticks from now."""
+    async def ensure(self, spec: ScheduleSpec, created_at: str, brought_by: int) -> Schedule:
+        """A definition's schedule (its version ``brought_by``): `create` it, or bring the
+        stored one to ``spec``, keeping its progress and pause (a new timing ticks from
+        now). An older version's spec never replaces a newer one's (a replica whose
+        registry lags behind)."""
         try:
-            return await self.create(spec, created_at)
+            return await self.create(spec, created_at, brought_by)
         except Conflict:
             pass
 
         def updated(schedule: Schedule) -> dict[str, object]:
-            if schedule.spec() == spec:
+            if schedule.spec() == spec or (schedule.brought_by or 0) > brought_by:
                 return {}
-            fields: dict[str, object] = msgspec.structs.asdict(spec)
+            fields: dict[str, object] = {**msgspec.structs.asdict(spec), "brought_by": brought_by}
             timing = ("cron", "every_s", "timezone")
             if any(getattr(schedule, f) != getattr(spec, f) for f in timing):
                 fields["next_tick"] = next_tick(spec, self.now())
@@ -376,7 +470,10 @@ class Scheduler:
         return Schedules(schedules=sorted(found, key=lambda schedule: schedule.name))
 
     async def pause(self, name: str) -> Schedule:
-        return await self._change(name, lambda schedule: {"paused": True})
+        """No tick starts after this (a tick already starting may still do)."""
+        return await self._change(
+            name, lambda schedule: {} if schedule.paused else {"paused": True}
+        )
 
     async def resume(self, name: str) -> Schedule:
         """Unpause: the ticks that fell while paused are not run; the next one is."""
@@ -384,8 +481,8 @@ class Scheduler:
         def resumed(schedule: Schedule) -> dict[str, object]:
             if not schedule.paused:
                 return {}
-            now = self.now()
-            return {"paused": False, "last_tick": now, "next_tick": next_tick(schedule, now)}
+            # The ticks that fell while paused are passed over, not owed.
+            return {"paused": False, "next_tick": next_tick(schedule, self.now())}
 
         return await self._change(name, resumed)
 

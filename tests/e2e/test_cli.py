@@ -307,10 +307,12 @@ async def test_schedules_create_list_get_pause_resume_delete(nats_url, conductor
     assert made.returncode == 0, made.stderr
     assert re.search(r"^schedule\s+tick$", made.stdout, re.M)
     assert re.search(r"^when\s+every 1 s$", made.stdout, re.M)
-    for _ in range(100):  # its first ticks start approvals tick-<tick>
+    for _ in range(150):  # its first ticks start approvals tick-<tick>
         if len([k for k in await _workflow_keys(js) if k.startswith("tick-")]) >= 2:
             break
         await asyncio.sleep(0.1)
+    else:
+        raise AssertionError(f"no two ticks started: {await _workflow_keys(js)}")
     listed = run("schedules", "list")
     header, row = listed.stdout.splitlines()
     assert header.split()[:3] == ["name", "workflow", "when"]
@@ -325,6 +327,8 @@ async def test_schedules_create_list_get_pause_resume_delete(nats_url, conductor
     assert gone.returncode == 1 and _json(gone.stderr)["error"]["code"] == 404
     refused = run("schedules", "create", "bad", "approval", "--cron", "61 * * * *")
     assert refused.returncode == 1 and _json(refused.stderr)["error"]["code"] == 400
+    unread = run("schedules", "create", "bad", "approval", "--every", "5", "--input", "{bad")
+    assert unread.returncode == 1 and unread.stderr.startswith("--input is not JSON")
 
 
 async def _workflow_keys(js) -> list[str]:

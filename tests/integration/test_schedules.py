@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 from typing import Any
 
+import msgspec
 import pytest
 
 from kapellmeister.conductor import Conductor
+from kapellmeister.messages import Started
 from services.conductor.__main__ import registry
 from tests.support import assert_error, body, call, stored_keys, wait_finished
 
@@ -51,12 +54,91 @@ async def test_a_schedule_starts_one_workflow_per_tick_with_the_tick_as_its_id(n
     assert got["last_started"].startswith("daily-")
 
 
-async def test_two_replicas_start_each_tick_exactly_once(nc, js, two_conductors):
-    await create(nc, name="pair", workflow="approval", every_s=1, input={"money": 1})
-    found = await started(js, "pair", 5)
+def count_creations(monkeypatch, conductors) -> collections.Counter[str]:
+    """How often each workflow was created (a Started fact that wrote its saga)."""
+    created: collections.Counter[str] = collections.Counter()
+    for conductor in conductors:
+
+        async def apply(fact, original=conductor._apply):
+            decision, wrote = await original(fact)
+            if isinstance(fact, Started) and wrote:
+                created[fact.workflow_id] += 1
+            return decision, wrote
+
+        monkeypatch.setattr(conductor, "_apply", apply)
+    return created
+
+
+async def test_two_replicas_start_each_tick_exactly_once(nc, js, two_conductors, monkeypatch):
+    created = count_creations(monkeypatch, two_conductors)
+    await create(nc, name="pair", workflow="approval", every_s=1, input=MONEY)
+    await started(js, "pair", 5)
     await call(nc, "conductor.schedules.pause.pair", b"")
     found = ticks(await stored_keys(js, "workflows", "pair-"), "pair")
     assert found == list(range(found[0], found[0] + len(found)))
+    assert created == collections.Counter({f"pair-{tick}": 1 for tick in found})
+
+    # Both replicas fire one due tick at the same moment: both start it, one creates it,
+    # one records it. (Their own passes are stopped, so only these two race.)
+    for conductor in two_conductors:
+        await conductor.scheduler.stop()
+    kv = await js.key_value("schedules")
+    now = two_conductors[0].scheduler.now()
+    due_now = {**body(await call(nc, "conductor.schedules.get.pair", b"")), "paused": False}
+    due_now.update(every_s=3600, catch_up="once", next_tick=now // 3600 * 3600)
+    attempts = []
+    for conductor in two_conductors:
+
+        async def start(schedule, workflow_id, original=conductor.scheduler.start):
+            attempts.append(workflow_id)
+            return await original(schedule, workflow_id)
+
+        monkeypatch.setattr(conductor.scheduler, "start", start)
+    await kv.put("pair", msgspec.json.encode(due_now))
+    fired = await asyncio.gather(*(c.scheduler._fire("pair") for c in two_conductors))
+    tick_id = f"pair-{now // 3600 * 3600}"
+    assert attempts.count(tick_id) >= 2 and created[tick_id] == 1, (attempts, created)
+    assert sorted(fired) == [0, 1]  # the loser's record failed: it counts nothing
+    stored = body(await call(nc, "conductor.schedules.get.pair", b""))
+    assert stored["last_started"] == tick_id and stored["next_tick"] > now
+
+
+async def test_a_crash_between_the_start_and_its_record_starts_nothing_twice(
+    nc, js, conductor, monkeypatch
+):
+    created = count_creations(monkeypatch, [conductor])
+    kv = conductor.scheduler.kv
+    failed: list[str] = []
+
+    async def lost_once(key, value, last=None):
+        if not failed:  # the first record after a start is lost, as in a crash
+            failed.append(key)
+            raise TimeoutError("the record was lost")
+        return await type(kv).update(kv, key, value, last=last)
+
+    monkeypatch.setattr(kv, "update", lost_once)
+    await create(nc, name="lossy", workflow="approval", every_s=1, input=MONEY)
+    found = await started(js, "lossy", 3)
+    assert failed == ["lossy"]
+    assert set(created.values()) == {1}  # the tick whose record was lost ran once
+    assert found == list(range(found[0], found[0] + len(found)))
+
+
+async def test_one_failing_schedule_holds_back_no_other(nc, js, conductor, monkeypatch, caplog):
+    original = conductor.scheduler.start
+
+    async def start(schedule, workflow_id):
+        if schedule.name == "bad":
+            raise RuntimeError("its definition's agent is on fire")
+        return await original(schedule, workflow_id)
+
+    monkeypatch.setattr(conductor.scheduler, "start", start)
+    await create(nc, name="bad", workflow="approval", every_s=1, input=MONEY)
+    await create(nc, name="good", workflow="approval", every_s=1, input=MONEY)
+    await started(js, "good", 4)
+    assert await stored_keys(js, "workflows", "bad-") == []
+    failures = [r for r in caplog.records if "schedule bad: a pass failed" in r.getMessage()]
+    assert 1 <= len(failures) <= 6  # backing off: 0.5 s, 1 s, 2 s, ... not 4 a second
 
 
 @pytest.mark.parametrize("catch_up", ["all", "skip"])
@@ -175,7 +257,10 @@ async def test_a_definitions_schedule_is_stored_at_registration_and_follows_new_
         assert loop.time() < deadline, got
         await asyncio.sleep(0.1)
     assert got["input"] == {"beat": 2} and got["created_at"] == first["created_at"]
-    assert got["next_tick"] % 3600 == 0
+    assert got["next_tick"] % 3600 == 0 and got["brought_by"] == 2
+    # It comes with the definition: paused, not deleted (it would come back).
+    refused = assert_error(await call(nc, "conductor.schedules.delete.heartbeat", b""), 409)
+    assert "pause it" in refused["message"]
 
     # A schedule that cannot work refuses the definition: nothing is registered.
     broken = {**v1, "name": "broken", "schedules": [{"cron": "every day", "input": {"beat": 1}}]}

@@ -18,6 +18,7 @@ from kapellmeister.schedules import (
     ScheduleSpec,
     due,
     from_definition,
+    latest_ticks,
     next_tick,
     validate,
     workflow_id_of,
@@ -138,3 +139,47 @@ def test_a_definitions_schedules_are_named_after_it_and_checked():
     }
     one = parse_definition({**spec, "schedules": spec["schedules"][:1]})
     assert [s.name for s in from_definition(one)] == ["report"]  # one: the workflow's name
+
+
+def test_a_year_down_costs_at_most_the_catch_up_limit():
+    year = 366 * 86_400
+    for spec in (
+        every(1, next_tick=T0, catch_up="all"),
+        Schedule(name="s", workflow="w", cron="* * * * *", next_tick=T0, catch_up="all"),
+    ):
+        firing = due(spec, T0 + year)
+        assert firing is not None
+        assert len(firing.ticks) == MAX_CATCH_UP
+        assert firing.ticks == sorted(firing.ticks) and firing.ticks[-1] <= T0 + year
+        assert firing.next_tick > T0 + year
+    skip = due(Schedule(name="s", workflow="w", cron="0 6 * * *", next_tick=T0), T0 + year)
+    assert skip is not None and skip.ticks == []  # the latest 06:00 was hours ago
+
+
+def test_the_latest_ticks_of_a_cron_include_now_and_stop_at_since():
+    spec = ScheduleSpec(name="s", workflow="w", cron="*/20 * * * * *")  # :00 :20 :40
+    assert latest_ticks(spec, T0 + 40, T0, 10) == [T0 + 40, T0 + 20, T0]
+    assert latest_ticks(spec, T0 + 59, T0 + 1, 10) == [T0 + 40, T0 + 20]
+    assert latest_ticks(spec, T0 + 59, T0, 2) == [T0 + 40, T0 + 20]
+    interval = ScheduleSpec(name="s", workflow="w", every_s=20)
+    assert latest_ticks(interval, T0 + 59, T0 + 1, 10) == [T0 + 40, T0 + 20]
+
+
+def test_a_stored_schedule_with_fields_this_version_does_not_know_is_read():
+    stored = msgspec.json.encode({**msgspec.to_builtins(every(5, next_tick=T0)), "later": 1})
+    assert msgspec.json.decode(stored, type=Schedule).next_tick == T0
+    with pytest.raises(msgspec.ValidationError):  # but a request is checked strictly
+        msgspec.json.decode(b'{"name":"s","workflow":"w","every_s":5,"later":1}', type=ScheduleSpec)
+
+
+def test_a_definitions_schedule_names_must_be_names_and_distinct():
+    spec = {
+        "name": "w" * 64,
+        "tasks": [{"ref": "wait", "type": "WAIT"}],
+        "schedules": [{"every_s": 60}, {"name": "short", "every_s": 5}],
+    }
+    found = {p.path: p.message for p in check(compile_definition(parse_definition(spec)))}
+    assert found["schedules[0]"].startswith(f"name '{'w' * 64}-1' is not 1-64")
+    twice = {**spec, "name": "rep", "schedules": [{"every_s": 60}, {"name": "rep-1", "every_s": 5}]}
+    found = {p.path: p.message for p in check(compile_definition(parse_definition(twice)))}
+    assert found == {"schedules[1]": "name 'rep-1' is used twice"}
