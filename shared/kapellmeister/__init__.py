@@ -8,12 +8,14 @@ from kapellmeister.conductor import Conductor
 from kapellmeister.config import Settings
 from kapellmeister.definitions import load_definitions
 from kapellmeister.errors import BadRequest, TaskError
+from kapellmeister.rates import Rate
 from kapellmeister.registry import Registry
 from kapellmeister.runtime import connect, disconnect, run_service
 
 __all__ = [
     "BadRequest",
     "Conductor",
+    "Rate",
     "Registry",
     "Settings",
     "TaskError",

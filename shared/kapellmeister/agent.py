@@ -48,6 +48,7 @@ from opentelemetry.trace import SpanKind
 
 from kapellmeister import tracing
 from kapellmeister.actors import Actors, ActorSpec
+from kapellmeister.clock import ServerClock, epoch_s
 from kapellmeister.config import Settings
 from kapellmeister.consumer import PullWorker
 from kapellmeister.deadletter import dead_letter, record_dead_letter
@@ -58,6 +59,7 @@ from kapellmeister.messages import Failure, Json, TaskRequest, TaskResult
 from kapellmeister.metrics import metrics
 from kapellmeister.micro import add_endpoint, error_detail, stop_service
 from kapellmeister.publisher import Publisher
+from kapellmeister.rates import RATES, Rate, RateLimiter, bucket_key
 from kapellmeister.runtime import connect, disconnect, run_service, utc_now
 from kapellmeister.switches import Switches
 from kapellmeister.topology import (
@@ -96,6 +98,8 @@ class TaskRegistration(msgspec.Struct, frozen=True, kw_only=True):
     timeout_s: float | None = None
     # The agent's heartbeat bound: its JetStream ack wait.
     response_timeout_s: float | None = None
+    # At most so many runs per window, across the agent's replicas (`kapellmeister.rates`).
+    rate: Rate | None = None
 
 
 class TaskSpec(Generic[Req, Res]):
@@ -108,6 +112,7 @@ class TaskSpec(Generic[Req, Res]):
         description: str = "",
         retry: RetryPolicy | None = None,
         timeout_s: float | None = None,
+        rate: Rate | None = None,
     ) -> None:
         hints = typing.get_type_hints(handler)
         params = [p for p in hints if p != "return"]
@@ -120,6 +125,7 @@ class TaskSpec(Generic[Req, Res]):
         self.description = description or (handler.__doc__ or "").strip().split("\n")[0]
         self.retry = retry or RetryPolicy()
         self.timeout_s = timeout_s
+        self.rate = rate
         self._decode = msgspec.json.Decoder(self.request_type).decode
 
     async def call(self, raw: bytes | msgspec.Raw) -> bytes:
@@ -137,6 +143,7 @@ class TaskSpec(Generic[Req, Res]):
             retry=self.retry,
             timeout_s=self.timeout_s,
             response_timeout_s=ack_wait_s,
+            rate=self.rate,
         )
 
 
@@ -147,14 +154,17 @@ def task(
     description: str = "",
     retry: RetryPolicy | None = None,
     timeout_s: float | None = None,
+    rate: Rate | None = None,
 ) -> TaskSpec[Req, Res]:
     """Bind ``handler`` to the task ``name`` (its micro subject; ``tasks.<name>`` in JetStream).
 
     ``retry`` and ``timeout_s`` are registered with the task as its defaults, for a
     definition's task that does not set its own (conductor-level retries and task
     timeouts are applied from the reliability milestone on; today they are recorded).
+    ``rate`` limits how often the task runs from the work queue, across every replica
+    of the agent (`kapellmeister.rates`); direct requests to its endpoint are not limited.
     """
-    return TaskSpec(name, handler, description, retry, timeout_s)
+    return TaskSpec(name, handler, description, retry, timeout_s, rate)
 
 
 def _terminal(exc: BaseException) -> bool:
@@ -188,6 +198,7 @@ class Agent:
         self._js: JetStreamContext | None = None
         self._publisher: Publisher | None = None
         self._leases: KeyValue | None = None
+        self._limiter: RateLimiter | None = None
         self._worker_id = ""  # <name>/<micro service id>, once the service is up
 
     async def start(self, nc: Client) -> None:
@@ -199,6 +210,11 @@ class Agent:
         await ensure_streams(self._js, settings.replicas)
         buckets = await ensure_buckets(self._js, settings.replicas)
         self._leases = buckets[LEASES]
+        if any(spec.rate is not None for spec in self.tasks):
+            # Token buckets are counted on the server's clock, which every replica shares.
+            clock = ServerClock(nc)
+            await clock.sync()
+            self._limiter = RateLimiter(buckets[RATES], lambda: epoch_s(clock.now()))
         for spec in self.tasks:
             await buckets["tasks"].put(
                 spec.name, _encode(spec.registration(self.name, settings.ack_wait_s))
@@ -311,8 +327,11 @@ class Agent:
         about = {"workflow.id": request.workflow_id, "task.ref": request.ref}
         name = f"process {msg.subject}"
         with tracing.span(name, SpanKind.CONSUMER, msg.headers, about, attributes) as trace:
-            started_at = utc_now()
+            # Held (and heartbeated) while it waits for its rate limit, if it has one.
             self._working[id(msg)] = msg
+            if spec.rate is not None and not await self._rate_gate(spec, request, msg):
+                return
+            started_at = utc_now()
             clock = asyncio.get_running_loop().time
             began, outcome = clock(), "failed"
             try:
@@ -370,6 +389,24 @@ class Agent:
             await self._reply(msg, result, trace)
             if lease is not None:
                 await lease.release()
+
+    async def _rate_gate(self, spec: TaskSpec[Any, Any], request: TaskRequest, msg: Msg) -> bool:
+        """Wait for a token of the task's rate limit; False (the message put back for a
+        later delivery) if the rates bucket cannot be reached."""
+        assert spec.rate is not None and self._limiter is not None
+        data = msgspec.json.decode(request.input) if spec.rate.key is not None else None
+        key = bucket_key(spec.name, spec.rate, data)
+        try:
+            waited = await self._limiter.acquire(key, spec.rate, asyncio.sleep)
+        except (TimeoutError, nats.errors.Error) as exc:
+            log.warning("%s %s: rate limit not reached (%s); later", spec.name, request.ref, exc)
+            self._working.pop(id(msg), None)
+            with contextlib.suppress(nats.errors.Error):
+                await msg.nak(delay=1.0)
+            return False
+        if waited:
+            log.debug("%s %s: waited %.2f s for its rate limit", spec.name, request.ref, waited)
+        return True
 
     def _lease(self, request: TaskRequest) -> Lease | None:
         """The attempt's heartbeat lease, if its task has a response timeout."""

@@ -21,7 +21,7 @@ from nats.aio.client import Client
 from kapellmeister.messages import utc_text
 from kapellmeister.topology import RESULTS
 
-__all__ = ["ServerClock", "server_now", "server_time"]
+__all__ = ["ServerClock", "epoch_s", "server_now", "server_time"]
 
 
 class _Info(msgspec.Struct):
@@ -38,6 +38,11 @@ async def server_time(nc: Client) -> datetime.datetime:
     if not stamp:
         raise nats.errors.Error("the server's stream info carries no time (nats-server < 2.10)")
     return datetime.datetime.fromisoformat(stamp)
+
+
+def epoch_s(text: str) -> float:
+    """A saga time (`utc_text`) as Unix seconds."""
+    return datetime.datetime.fromisoformat(text).timestamp()
 
 
 async def server_now(nc: Client) -> str:

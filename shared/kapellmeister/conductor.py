@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import datetime
 import functools
 import logging
 import math
@@ -45,7 +44,7 @@ from opentelemetry.trace import SpanKind
 
 from kapellmeister import tracing, triggers
 from kapellmeister.api import serve_api
-from kapellmeister.clock import ServerClock
+from kapellmeister.clock import ServerClock, epoch_s
 from kapellmeister.config import Settings
 from kapellmeister.consumer import PullWorker
 from kapellmeister.deadletter import dead_letter, record_dead_letter
@@ -565,7 +564,7 @@ class Conductor:
 
     def _now_s(self) -> int:
         """The server's time now, in whole Unix seconds (a schedule's ticks)."""
-        return int(datetime.datetime.fromisoformat(self.clock.now()).timestamp())
+        return int(epoch_s(self.clock.now()))
 
     async def _start_tick(self, schedule: Schedule, workflow_id: str) -> str:
         """Start one tick's workflow (idempotent by its id); its status, or why not."""
