@@ -60,9 +60,10 @@ from kapellmeister.metrics import metrics
 from kapellmeister.micro import add_endpoint, error_detail, stop_service
 from kapellmeister.publisher import Publisher
 from kapellmeister.rates import RATES, Rate, RateLimiter, bucket_key
-from kapellmeister.runtime import connect, disconnect, run_service, utc_now
+from kapellmeister.runtime import connect, disconnect, run_service, utc_now, within
 from kapellmeister.switches import Switches
 from kapellmeister.topology import (
+    BUCKETS,
     TASKS,
     consumer_name,
     ensure_buckets,
@@ -81,6 +82,8 @@ Handler = Callable[[Req], Awaitable[Res]]
 _encode = msgspec.json.Encoder().encode
 _decode_request = msgspec.json.Decoder(TaskRequest).decode
 _BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+# How often an agent with rate limits reads the server's time again (seconds).
+_RESYNC_S = 300.0
 
 
 class TaskRegistration(msgspec.Struct, frozen=True, kw_only=True):
@@ -126,6 +129,10 @@ class TaskSpec(Generic[Req, Res]):
         self.retry = retry or RetryPolicy()
         self.timeout_s = timeout_s
         self.rate = rate
+        fields = getattr(self.request_type, "__struct_fields__", None)
+        keyed = rate.key.split(".")[0] if rate is not None and rate.key is not None else None
+        if keyed is not None and fields is not None and keyed not in fields:
+            raise TypeError(f"{name}: its rate key names {keyed!r}, not a field of its input")
         self._decode = msgspec.json.Decoder(self.request_type).decode
 
     async def call(self, raw: bytes | msgspec.Raw) -> bytes:
@@ -199,6 +206,8 @@ class Agent:
         self._publisher: Publisher | None = None
         self._leases: KeyValue | None = None
         self._limiter: RateLimiter | None = None
+        self._clock: ServerClock | None = None
+        self._stopping = asyncio.Event()
         self._worker_id = ""  # <name>/<micro service id>, once the service is up
 
     async def start(self, nc: Client) -> None:
@@ -208,13 +217,17 @@ class Agent:
         await self._publisher.start()
         settings = self.settings
         await ensure_streams(self._js, settings.replicas)
-        buckets = await ensure_buckets(self._js, settings.replicas)
+        # The rates bucket only for a rate-limited task (below): an agent without one
+        # does not wait for it.
+        needed = [name for name in BUCKETS if name != RATES]
+        buckets = await ensure_buckets(self._js, settings.replicas, names=needed)
         self._leases = buckets[LEASES]
         if any(spec.rate is not None for spec in self.tasks):
-            # Token buckets are counted on the server's clock, which every replica shares.
-            clock = ServerClock(nc)
+            # Slots are counted on the server's clock, which every replica shares.
+            clock = self._clock = ServerClock(nc)
             await clock.sync()
-            self._limiter = RateLimiter(buckets[RATES], lambda: epoch_s(clock.now()))
+            rates = await ensure_buckets(self._js, settings.replicas, names=[RATES])
+            self._limiter = RateLimiter(rates[RATES], lambda: epoch_s(clock.now()))
         for spec in self.tasks:
             await buckets["tasks"].put(
                 spec.name, _encode(spec.registration(self.name, settings.ack_wait_s))
@@ -253,7 +266,9 @@ class Agent:
         log.info("%s: serving %s", self.name, ", ".join(s.name for s in self.tasks))
 
     async def stop(self) -> None:
-        """Stop pulling, let running tasks finish (their results get published), stop serving."""
+        """Stop pulling, let running tasks finish (their results get published), stop serving.
+        Tasks waiting for their rate limit go back to the queue at once."""
+        self._stopping.set()
         await asyncio.gather(*(w.stop(self.settings.ack_wait_s) for w in self._workers))
         if self._heartbeats is not None:
             self._heartbeats.cancel()
@@ -288,11 +303,19 @@ class Agent:
 
     async def _heartbeat(self) -> None:
         """Every third of the ack wait, tell JetStream each running task is still alive."""
+        loop = asyncio.get_running_loop()
+        synced = loop.time()
         while True:
             await asyncio.sleep(self.settings.ack_wait_s / 3)
             for msg in list(self._working.values()):
                 with contextlib.suppress(nats.errors.Error):
                     await msg.in_progress()
+            if self._clock is not None and loop.time() - synced > _RESYNC_S:
+                # The server's time again: a monotonic clock drifts, and stops in a
+                # suspended VM; replicas' rate slots are only as close as their clocks.
+                with contextlib.suppress(TimeoutError, nats.errors.Error):
+                    await self._clock.sync()
+                    synced = loop.time()
 
     async def _run(self, spec: TaskSpec[Any, Any], msg: Msg) -> None:
         try:
@@ -301,6 +324,14 @@ class Agent:
             assert self._js is not None
             await dead_letter(self._js, msg, self.name, f"not a task request: {exc}")
             return
+        if spec.rate is not None:
+            # Its slot first, then its lease: a wait is queueing, not a silent attempt.
+            self._working[id(msg)] = msg  # held and heartbeated while it waits
+            try:
+                if not await self._rate_gate(spec, request, msg):
+                    return
+            finally:
+                self._working.pop(id(msg), None)
         lease = self._lease(request)
         if lease is not None and not await lease.claim():
             # A conductor gave up on this attempt (its heartbeat stopped) and retried it.
@@ -327,11 +358,8 @@ class Agent:
         about = {"workflow.id": request.workflow_id, "task.ref": request.ref}
         name = f"process {msg.subject}"
         with tracing.span(name, SpanKind.CONSUMER, msg.headers, about, attributes) as trace:
-            # Held (and heartbeated) while it waits for its rate limit, if it has one.
-            self._working[id(msg)] = msg
-            if spec.rate is not None and not await self._rate_gate(spec, request, msg):
-                return
             started_at = utc_now()
+            self._working[id(msg)] = msg
             clock = asyncio.get_running_loop().time
             began, outcome = clock(), "failed"
             try:
@@ -391,21 +419,27 @@ class Agent:
                 await lease.release()
 
     async def _rate_gate(self, spec: TaskSpec[Any, Any], request: TaskRequest, msg: Msg) -> bool:
-        """Wait for a token of the task's rate limit; False (the message put back for a
-        later delivery) if the rates bucket cannot be reached."""
+        """Reserve the run's slot of its rate limit and wait for it. False when the
+        message went back instead: the agent is stopping (another replica takes it, with
+        no delay), or the rates bucket did not answer four times (a delivery is spent)."""
         assert spec.rate is not None and self._limiter is not None
         data = msgspec.json.decode(request.input) if spec.rate.key is not None else None
         key = bucket_key(spec.name, spec.rate, data)
-        try:
-            waited = await self._limiter.acquire(key, spec.rate, asyncio.sleep)
-        except (TimeoutError, nats.errors.Error) as exc:
-            log.warning("%s %s: rate limit not reached (%s); later", spec.name, request.ref, exc)
-            self._working.pop(id(msg), None)
+        for attempt in range(4):
+            try:
+                wait = await self._limiter.reserve(key, spec.rate)
+                break
+            except (TimeoutError, nats.errors.Error) as exc:
+                if attempt == 3:
+                    log.warning("%s %s: no rate slot (%s); later", spec.name, request.ref, exc)
+                    with contextlib.suppress(nats.errors.Error):
+                        await msg.nak(delay=5.0)
+                    return False
+                await asyncio.sleep(0.5 * 2**attempt)
+        if wait > 0 and await within(self._stopping.wait(), wait):
             with contextlib.suppress(nats.errors.Error):
-                await msg.nak(delay=1.0)
+                await msg.nak()
             return False
-        if waited:
-            log.debug("%s %s: waited %.2f s for its rate limit", spec.name, request.ref, waited)
         return True
 
     def _lease(self, request: TaskRequest) -> Lease | None:

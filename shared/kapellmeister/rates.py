@@ -2,22 +2,27 @@
 
 A task declares its limit (``task("mail.send", send, rate=Rate(limit=10, per_s=1))``),
 optionally keyed by a field of its input (``key="customer"``: each customer its own
-budget). Every agent replica takes a token from the same token bucket before it runs the
-task: a key of the ``rates`` bucket holding the tokens left and when they were counted,
-changed only by compare-and-set. The bucket refills continuously (``limit / per_s``
-tokens a second) up to ``limit``, so a burst of ``limit`` may run at once after a quiet
-spell, and over any longer stretch at most ``limit`` per ``per_s`` run.
+budget). It is the generic cell rate algorithm (GCRA) as a reservation: the key of the
+``rates`` bucket holds the *theoretical arrival time* of the next run, and every agent
+replica reserves a slot by one compare-and-set, before it waits:
 
-A task over its limit waits in its agent (the message is held, its ack wait extended),
-so the order of the work queue is kept and no delivery is spent on waiting; times are
-the NATS server's (`ServerClock`), so replicas on hosts whose clocks differ agree.
+- a run may start at ``max(now, tat - (limit - 1) * interval)``, with ``interval =
+  per_s / limit``; the reservation moves ``tat`` to ``max(tat, start) + interval``;
+- so after a quiet spell ``limit`` runs start at once, then one each ``interval``;
+- ``tat`` only moves forward: a replica whose clock is behind cannot hand out the same
+  slot again, and one whose clock is ahead only starts early by its own skew;
+- each run reserves once and then sleeps until its slot: no herd of waiters racing for
+  every token; within a replica slots go out in its queue's order (across replicas, in
+  the order their compare-and-sets land).
+
+Times are the NATS server's (`ServerClock`, re-read every few minutes), seconds as floats.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Annotated, Final
 
 import msgspec
@@ -26,33 +31,29 @@ from nats.js.kv import KeyValue
 
 from kapellmeister.expressions import Json
 
-__all__ = ["RATES", "Rate", "RateLimiter", "bucket_key", "take"]
+__all__ = ["RATES", "Rate", "RateLimiter", "bucket_key", "reserve"]
 
 RATES: Final = "rates"
-# A key of the rates bucket: the task's name and the key's value, made safe for a KV key.
-_SAFE = re.compile(r"[^A-Za-z0-9_=-]")
+# A key idles out of the rates bucket after a day (its TTL): no window may be longer.
+MAX_PER_S: Final = 86_400.0
 
 
-class Rate(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """At most ``limit`` runs per ``per_s`` seconds, per value of the input's ``key``
-    field (a dotted path; None: one budget for the task)."""
+class Rate(msgspec.Struct, frozen=True, kw_only=True):
+    """At most ``limit`` runs per ``per_s`` seconds (at most a day), per value of the
+    input's ``key`` field (a dotted path; None: one budget for the task)."""
 
     limit: Annotated[int, msgspec.Meta(ge=1)]
-    per_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    per_s: Annotated[float, msgspec.Meta(gt=0, le=MAX_PER_S)] = 1.0
     key: str | None = None
 
     @property
-    def per_second(self) -> float:
-        return self.limit / self.per_s
-
-
-class _Tokens(msgspec.Struct, frozen=True):
-    tokens: float
-    at: float
+    def interval(self) -> float:
+        """Seconds between two runs once the burst is spent."""
+        return self.per_s / self.limit
 
 
 _encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder(_Tokens).decode
+_decode = msgspec.json.Decoder(float).decode
 
 
 def _field(data: Json, path: str) -> Json:
@@ -62,57 +63,63 @@ def _field(data: Json, path: str) -> Json:
 
 
 def bucket_key(task: str, rate: Rate, data: Json) -> str:
-    """The rates bucket's key for one run of ``task`` with input ``data``."""
-    base = _SAFE.sub("_", task)
+    """The rates bucket's key for one run of ``task`` with input ``data``: the task's own
+    name (so NATS permissions can give each agent its own keys), then a digest of the
+    keyed field's value."""
     if rate.key is None:
-        return base
-    value = msgspec.json.encode(_field(data, rate.key))
-    # A short digest: any value (long, with dots or spaces) makes a valid key.
-    return f"{base}.{hashlib.sha256(value).hexdigest()[:16]}"
+        return task
+    value = msgspec.json.encode(_field(data, rate.key), order="sorted")
+    return f"{task}.k.{hashlib.sha256(value).hexdigest()[:16]}"
 
 
-def take(rate: Rate, stored: _Tokens | None, now: float) -> tuple[_Tokens, float]:
-    """The bucket after taking a token now, or how long until one is there (seconds,
-    0 when taken): pure, the arithmetic of the token bucket."""
-    tokens = float(rate.limit) if stored is None else stored.tokens
-    since = 0.0 if stored is None else max(now - stored.at, 0.0)
-    tokens = min(float(rate.limit), tokens + since * rate.per_second)
-    if tokens >= 1.0:
-        return _Tokens(tokens=tokens - 1.0, at=now), 0.0
-    return _Tokens(tokens=tokens, at=now), (1.0 - tokens) / rate.per_second
+def reserve(rate: Rate, tat: float | None, now: float) -> tuple[float, float]:
+    """GCRA as a reservation: when a run asked for at ``now`` may start, and the new
+    theoretical arrival time (pure)."""
+    start = now if tat is None else max(now, tat - (rate.limit - 1) * rate.interval)
+    return start, (start if tat is None else max(tat, start)) + rate.interval
 
 
 class RateLimiter:
-    """Takes tokens from the rates bucket; ``now`` is the server's time in seconds."""
+    """Reserves slots in the rates bucket; ``now`` is the server's time in seconds."""
 
     def __init__(self, kv: KeyValue, now: Callable[[], float]) -> None:
         self.kv = kv
         self.now = now
+        # One reservation of a key at a time in this process, in the order they come
+        # (asyncio's lock is first come, first served): a replica hands its slots out in
+        # the order of its queue, and only replicas race each other's compare-and-set.
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
-    async def acquire(
-        self, key: str, rate: Rate, waiting: Callable[[float], Awaitable[None]]
-    ) -> float:
-        """Take a token for ``key``, waiting (by ``waiting(seconds)``) while there is
-        none; the seconds waited."""
-        waited = 0.0
+    async def reserve(self, key: str, rate: Rate) -> float:
+        """Reserve the next slot of ``key``: how many seconds from now it starts."""
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                return await self._reserve(key, rate)
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]  # no one else waits on it: keys do not pile up
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    async def _reserve(self, key: str, rate: Rate) -> float:
         while True:
-            stored, revision = await self._read(key)
-            after, wait = take(rate, stored, self.now())
-            if wait > 0:
-                await waiting(wait)
-                waited += wait
-                continue
+            tat, revision = await self._read(key)
+            now = self.now()
+            start, after = reserve(rate, tat, now)
             try:
                 if revision:
                     await self.kv.update(key, _encode(after), last=revision)
                 else:
                     await self.kv.create(key, _encode(after))
             except KeyWrongLastSequenceError:
-                continue  # another replica took one meanwhile: count again
-            return waited
+                continue  # another run reserved meanwhile: the next slot is ours
+            return max(start - now, 0.0)
 
-    async def _read(self, key: str) -> tuple[_Tokens | None, int]:
-        """The bucket's tokens and revision (None, 0: never used, or expired)."""
+    async def _read(self, key: str) -> tuple[float | None, int]:
+        """The key's theoretical arrival time and revision (None, 0: unused or expired)."""
         try:
             entry = await self.kv.get(key)
         except KeyNotFoundError:
@@ -121,4 +128,4 @@ class RateLimiter:
         try:
             return (_decode(entry.value) if entry.value else None), revision
         except (msgspec.DecodeError, msgspec.ValidationError):
-            return None, revision  # unreadable: counted again from full
+            return None, revision  # unreadable: counted again from now

@@ -30,7 +30,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Final, TypeVar
 
 import nats.errors
@@ -183,12 +183,18 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1, *, owner: bool
 
 
 async def ensure_buckets(
-    js: JetStreamContext, replicas: int = 1, *, owner: bool = False
+    js: JetStreamContext,
+    replicas: int = 1,
+    *,
+    owner: bool = False,
+    names: Iterable[str] | None = None,
 ) -> dict[str, KeyValue]:
-    """Create (or bind to) every KV bucket; returns them by name (waits, like
-    `ensure_streams`, for one this service may not create, unless it is the ``owner``)."""
+    """Create (or bind to) every KV bucket, or those ``names``; returns them by name
+    (waits, like `ensure_streams`, for one this service may not create, unless it is the
+    ``owner``)."""
     buckets: dict[str, KeyValue] = {}
-    for name, history in BUCKETS.items():
+    wanted = BUCKETS if names is None else {name: BUCKETS[name] for name in names}
+    for name, history in wanted.items():
         try:
             buckets[name] = await js.key_value(name)
             if owner and name in _MESSAGE_TTL:

@@ -65,7 +65,7 @@ TOLERANCE_S = 0.05
 def earliest_allowed(rate: Rate, count: int) -> list[float]:
     """When the n-th run may start at the earliest, from the first: a burst of ``limit``
     at once, then one each ``per_s / limit`` seconds."""
-    return [max(0, n + 1 - rate.limit) / rate.per_second for n in range(count)]
+    return [max(0, n + 1 - rate.limit) * rate.interval for n in range(count)]
 
 
 def assert_within(times: list[float], rate: Rate) -> None:
@@ -114,3 +114,38 @@ async def test_a_keyed_limit_gives_each_key_its_own_budget(nc, js, settings):
     first = min(t for t, _ in runs)
     # The three customers do not wait on each other: six ran at once.
     assert sum(1 for t, _ in runs if t < first + 0.5) >= 6
+
+
+async def test_runs_start_in_the_order_they_were_queued(nc, js, settings):
+    runs = Runs()
+    started = agents(settings, Rate(limit=2, per_s=0.5), runs, replicas=1)  # 4 a second
+    for agent in started:
+        await agent.start(nc)
+    try:
+        await submit(js, [Job(n=n) for n in range(12)])
+        await runs.until(12)
+    finally:
+        for agent in started:
+            await agent.stop()
+    assert [job.n for _, job in sorted(runs, key=lambda run: run[0])] == list(range(12))
+
+
+async def test_tasks_waiting_for_their_slot_go_back_at_once_when_the_agent_stops(nc, js, settings):
+    runs = Runs()
+    rate = Rate(limit=1, per_s=1.0)
+    first = agents(settings, rate, runs, replicas=1)[0]
+    await first.start(nc)
+    await submit(js, [Job(n=n) for n in range(6)])
+    await runs.until(2)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await first.stop()
+    # Not held until the ack wait (5 s here): the waiters were put back, not waited on.
+    assert loop.time() - began < 2.0
+    second = agents(settings, rate, runs, replicas=1)[0]
+    await second.start(nc)
+    try:
+        await runs.until(6)
+    finally:
+        await second.stop()
+    assert sorted(job.n for _, job in runs) == list(range(6))  # each ran once, none lost
