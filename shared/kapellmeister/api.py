@@ -144,7 +144,12 @@ class _Api:
             raise BadRequest(
                 "Workflow-Id must be 1-128 of A-Z a-z 0-9 _ = - (it is used in subjects)"
             )
-        state = await self.conductor.start_from(definition, workflow_id, data, headers)
+        priority = _int_header(headers, "Priority")
+        if priority is not None and not 0 <= priority <= 99:
+            raise BadRequest(f"header Priority must be 0-99, got {priority}")
+        state = await self.conductor.start_from(
+            definition, workflow_id, data, headers, priority=priority
+        )
         return _encode(StartReply(workflow_id=state.workflow_id, status=state.status))
 
     async def get(self, request: Request) -> bytes:

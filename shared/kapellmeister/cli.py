@@ -271,7 +271,10 @@ def _headers(*pairs: tuple[str, object]) -> dict[str, str] | None:
 
 def _start(args: argparse.Namespace) -> _Call:
     headers = _headers(
-        ("Workflow-Id", args.id), ("Workflow-Version", args.version), ("Tenant", args.tenant)
+        ("Workflow-Id", args.id),
+        ("Workflow-Version", args.version),
+        ("Tenant", args.tenant),
+        ("Priority", args.priority),
     )
     return _Call(f"conductor.start.{args.workflow}", args.input.encode(), headers)
 
@@ -679,6 +682,11 @@ def _add_workflow_commands(commands: argparse._SubParsersAction[argparse.Argumen
     start.add_argument("--id", help="the workflow id (Workflow-Id): makes the start idempotent")
     start.add_argument("--version", type=int, help="the definition version (Workflow-Version)")
     start.add_argument("--tenant", help="the tenant (Tenant header)")
+    start.add_argument(
+        "--priority",
+        type=int,
+        help="0-99, higher first among work waiting for a concurrency slot (Priority header)",
+    )
     get = _client_command(
         commands, "get", "a workflow's saga state: conductor.get.<id>", _get, _show_saga
     )

@@ -62,8 +62,10 @@ from kapellmeister.expressions import Json
 from kapellmeister.gather import kv_key
 from kapellmeister.index import INDEX, IndexEntry, WorkflowIndex, decode_entry
 from kapellmeister.lease import LEASES, Look, cancel_if_silent, lease_key, look
+from kapellmeister.limits import Limits
 from kapellmeister.messages import (
     TERMINAL,
+    AcquireSlot,
     Command,
     Fact,
     Failure,
@@ -101,6 +103,7 @@ from kapellmeister.schedules import (
     TickRefused,
     from_definition,
 )
+from kapellmeister.slots import SLOTS, Slots
 from kapellmeister.store import CasConflict, SagaStore, Versioned
 from kapellmeister.topology import (
     DEADLETTERS,
@@ -146,6 +149,7 @@ class Conductor:
         self._leases: KeyValue | None = None
         self._tenants: KeyValue | None = None
         self._scheduler: Scheduler | None = None
+        self._limits: Limits | None = None
         # What the sweeper re-drove, by workflow: the updated_at it saw, how often, and
         # when next. An unchanged workflow is re-driven again with doubling gaps (a
         # republish that was acknowledged can still be lost to a server crash), not at
@@ -179,6 +183,11 @@ class Conductor:
     def leases(self) -> KeyValue:
         assert self._leases is not None, "start() first"
         return self._leases
+
+    @property
+    def limits(self) -> Limits:
+        assert self._limits is not None, "start() first"
+        return self._limits
 
     @property
     def scheduler(self) -> Scheduler:
@@ -222,6 +231,7 @@ class Conductor:
         await self._index.start()
         self._leases = buckets[LEASES]
         self._tenants = buckets["tenants"]
+        self._limits = Limits(self, Slots(buckets[SLOTS], self._clock.now, settings.slot_lease_s))
         self._definitions = DefinitionStore(buckets["definitions"], buckets["tasks"], self.registry)
         await self._definitions.start(shipped=self.registry.all())
         durable = await ensure_consumer(
@@ -401,6 +411,7 @@ class Conductor:
                 continue
             self.index.note(state, decision.state)
             metrics().saga_written(state, decision.state)
+            await self.limits.released(state, decision.state, definition)
             return decision, True
 
     async def publish(
@@ -441,6 +452,8 @@ class Conductor:
         headers = {**trace, "Nats-Msg-Id": command.msg_id}
         match command:
             case RunTask():
+                if command.slot and not await self.limits.admit(command):
+                    return  # it waits for a slot: dispatched when it gets one
                 request = TaskRequest(
                     workflow_id=command.workflow_id,
                     workflow=command.workflow,
@@ -489,6 +502,8 @@ class Conductor:
                     worker=f"workflow/{command.child}",
                 )
                 await self._publish_result(result, headers)
+            case AcquireSlot():
+                await self.limits.acquire(command)
             case TerminateWorkflow():
                 # The child's own saga step: its end terminates its children in turn.
                 await self.request(
@@ -506,13 +521,19 @@ class Conductor:
         await self.publisher.publish(f"results.{result.workflow_id}", _encode(result), headers)
 
     async def start_from(
-        self, definition: Definition, workflow_id: str, data: Json, headers: Mapping[str, str]
+        self,
+        definition: Definition,
+        workflow_id: str,
+        data: Json,
+        headers: Mapping[str, str],
+        *,
+        priority: int | None = None,
     ) -> Saga:
         """Start ``definition`` as a request or an event asked (``Tenant``, ``traceparent``
-        and ``tracestate`` from its ``headers``), in a trace of its own that continues the
-        caller's. The root context is chosen now and kept in the saga; the root span with
-        its ids is recorded once the start is decided, and only if it created the
-        workflow."""
+        and ``tracestate`` from its ``headers``; ``priority`` from a checked ``Priority``
+        header), in a trace of its own that continues the caller's. The root context is
+        chosen now and kept in the saga; the root span with its ids is recorded once the
+        start is decided, and only if it created the workflow."""
         started_ns = time.time_ns()
         traceparent = tracing.root_traceparent(f"workflow {definition.name}", headers)
         with tracing.about({"workflow.id": workflow_id}, traceparent):
@@ -526,6 +547,7 @@ class Conductor:
                 trace_id=tracing.trace_id_of(traceparent),
                 traceparent=traceparent,
                 tracestate=headers.get("tracestate", ""),
+                priority=priority,
             )
             return await self.start_workflow(fact, headers, started_ns)
 
@@ -547,6 +569,9 @@ class Conductor:
         assert state is not None
         if created or state.status not in TERMINAL:
             await self.publish_request(state, decision.commands, _root(state), replay=not created)
+            if state.status == "QUEUED" and (now := self.store.cached(state.workflow_id)):
+                # A free slot started it while its request for one was sent: say so.
+                state = now.state or state
         if created:
             tracing.record_root(
                 f"workflow {state.workflow}",
@@ -945,6 +970,8 @@ class Conductor:
                 continue
             definition = await self.definitions.get(state.workflow, state.version)
             causes = {t.cause for t in state.tasks if t.status in {"SCHEDULED", "IN_PROGRESS"}}
+            if state.status == "QUEUED":
+                causes.add(state.last_fact)  # its request for a slot
             if state.unpublished:
                 causes.add(state.unpublished)
             commands = tuple(
@@ -962,6 +989,8 @@ class Conductor:
             )
             gap = self.settings.sweep_interval_s * min(2**times, _MAX_GAP)
             self._redriven[workflow_id] = _Redrive(state.updated_at, times, clock + gap)
+        # Slots whose release a crash lost go to the next in line.
+        count += await self.limits.audit()
         await self._count_deadletters()  # a figure for a gauge, after the work that matters
         return count
 

@@ -47,6 +47,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     sweep_interval_s: float = 30.0
     # The sweeper leaves workflows updated in the last few seconds to their writer.
     sweep_grace_s: float = 5.0
+    # How long a concurrency slot's holder is trusted before the sweeper checks its saga
+    # (`kapellmeister.slots`): the longest a slot stays taken after a crash lost its release.
+    slot_lease_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     # The workflow index (`conductor.list`, the sweeper) follows the sagas this much later.
     index_flush_s: Annotated[float, msgspec.Meta(gt=0)] = 0.25
     # And is rebuilt from the sagas at start and this often (seconds), to mend what a

@@ -31,6 +31,7 @@ from typing import Final, Literal
 import msgspec
 
 from kapellmeister.definitions import (
+    Concurrency,
     Definition,
     DelayTask,
     EventTask,
@@ -47,10 +48,12 @@ from kapellmeister.definitions import (
     TaskDef,
     TerminateTask,
     WaitTask,
+    slot_name,
 )
 from kapellmeister.expressions import Json, switch_key
 from kapellmeister.messages import (
     TERMINAL,
+    AcquireSlot,
     Attempt,
     ChildTermination,
     Command,
@@ -62,6 +65,7 @@ from kapellmeister.messages import (
     PauseRequested,
     PublishEvent,
     Refusal,
+    Requeued,
     RerunRequested,
     ResumeRequested,
     RetryDue,
@@ -70,6 +74,7 @@ from kapellmeister.messages import (
     Saga,
     ScheduleTimer,
     SignalReceived,
+    SlotGranted,
     Started,
     StartWorkflow,
     TaskCompleted,
@@ -97,6 +102,8 @@ __all__ = [
 ]
 
 START: Final = "start"
+# The fact id of a QUEUED workflow's slot grant (see `_slot_granted`).
+SLOT: Final = "slot"
 _WAITING: Final = frozenset({"SCHEDULED", "IN_PROGRESS"})
 _INSTANCE: Final = re.compile(r"^(?P<ref>[A-Za-z_][A-Za-z0-9_]*)\[(?P<index>\d+)\]$")
 
@@ -122,22 +129,31 @@ def fact_id(fact: Fact) -> str:
             return f"{ref}#{attempt}"
         case SignalReceived(ref=ref):
             return f"signal:{ref}"
-        case TerminateRequested():
-            return "terminate"
         case RetryDue(ref=ref, attempt=attempt):
             return f"{ref}#{attempt}:due"
-        case RetryRequested(at=at):
-            return f"retry@{at}"
         case TaskTimedOut(ref=ref, attempt=attempt):
             return f"{ref}#{attempt}:timeout"
         case WorkflowTimedOut():
             return "workflow:timeout"
+        case SlotGranted():
+            return SLOT
+    return _operator_fact_id(fact)
+
+
+def _operator_fact_id(fact: Fact) -> str:
+    """The ids of the operator's facts: terminate, retry, pause, resume, rerun."""
+    match fact:
+        case TerminateRequested():
+            return "terminate"
+        case RetryRequested(at=at):
+            return f"retry@{at}"
         case PauseRequested(at=at):
             return f"pause@{at}"
         case RerunRequested(task=task, at=at):
             return f"rerun:{task}@{at}"
         case ResumeRequested(at=at):
             return f"resume@{at}"
+    raise TypeError(f"not a fact: {fact!r}")  # pragma: no cover - every fact is matched
 
 
 def task_msg_id(workflow_id: str, ref: str, attempt: int) -> str:
@@ -182,6 +198,8 @@ def _on_fact(definition: Definition, state: Saga, fact: Fact) -> Decision:
             return _task_timed_out(definition, state, fact)
         case WorkflowTimedOut():
             return _workflow_timed_out(definition, state, fact)
+        case SlotGranted():
+            return _slot_granted(definition, state, fact)
     return _on_request(definition, state, fact)
 
 
@@ -230,6 +248,17 @@ def commands_caused_by(definition: Definition, state: Saga, cause: str) -> tuple
             commands.append(_timer(state, record.ref, record.attempt, fire_at, "response"))
     if cause == START and state.timeout_at is not None:
         commands.append(_timer(state, "workflow", 1, state.timeout_at, "workflow_timeout"))
+    concurrency = definition.spec.concurrency
+    if state.status == "QUEUED" and cause == state.last_fact and concurrency is not None:
+        commands.append(
+            AcquireSlot(
+                msg_id=f"{state.workflow_id}:slot:{cause}",
+                workflow_id=state.workflow_id,
+                slot=state.slot,
+                limit=concurrency.limit,
+                priority=state.priority,
+            )
+        )
     failure = definition.spec.failure
     if failure and state.ended_by == cause and state.status in {"FAILED", "TIMED_OUT"}:
         commands.append(
@@ -305,7 +334,7 @@ def _command(state: Saga, record: TaskRecord, task: TaskDef) -> Command | None:
                 fire_at=record.retry_at,
                 purpose="retry",
             )
-        case SimpleTask(task=name) if record.status == "SCHEDULED":
+        case SimpleTask(task=name, concurrency=concurrency) if record.status == "SCHEDULED":
             return RunTask(
                 msg_id=msg_id,
                 workflow_id=state.workflow_id,
@@ -315,6 +344,9 @@ def _command(state: Saga, record: TaskRecord, task: TaskDef) -> Command | None:
                 attempt=record.attempt,
                 input=record.input,
                 response_timeout_s=task.response_timeout_s,
+                slot=record.slot if concurrency is not None else "",
+                limit=concurrency.limit if concurrency is not None else 0,
+                priority=state.priority if task.priority is None else task.priority,
             )
         case EventTask(subject=subject) if record.status == "COMPLETED":
             return PublishEvent(msg_id=msg_id, subject=subject, data=record.input)
@@ -520,9 +552,48 @@ def _start(definition: Definition, fact: Started) -> Decision:
         parent=fact.parent,
         switched_off=fact.switched_off,
         timeout_at=_deadline(fact.at, definition.spec.timeout_s),
+        priority=definition.spec.priority if fact.priority is None else fact.priority,
     )
     draft = _Draft(definition, state, fact.at, START)
+    concurrency = definition.spec.concurrency
+    if concurrency is None:
+        _run(draft, definition.first)
+    else:
+        key = definition.concurrency_key
+        value = key.evaluate(draft.context()) if key is not None else None
+        draft.state = msgspec.structs.replace(
+            state, slot=slot_name("wf", definition.name, concurrency.key, value)
+        )
+        draft.status = "QUEUED"
+    return _decided(definition, draft)
+
+
+def _slot_granted(definition: Definition, state: Saga, fact: SlotGranted) -> Decision:
+    """A QUEUED workflow got its slot: it starts, or its waiting rerun or retry runs."""
+    if state.status != "QUEUED":
+        # Ended while it waited, or a redelivery: the grant gives back what it gave.
+        return Decision(state, commands_caused_by(definition, state, SLOT))
+    requeued = state.requeued
+    if requeued is not None:
+        ended = msgspec.structs.replace(state, status=requeued.ended, requeued=None)
+        match requeued.fact:
+            case RerunRequested() as rerun:
+                return _rerun(definition, ended, rerun, queue=False)
+            case RetryRequested() as retry:
+                return _retry_requested(definition, ended, retry, queue=False)
+    draft = _Draft(definition, state, fact.at, SLOT)
+    draft.status = "RUNNING"
     _run(draft, definition.first)
+    return _decided(definition, draft)
+
+
+def _requeue(
+    definition: Definition, state: Saga, fact: RerunRequested | RetryRequested
+) -> Decision:
+    """A rerun or retry of a workflow with a concurrency limit waits for a slot first."""
+    draft = _Draft(definition, state, fact.at, fact_id(fact))
+    draft.state = msgspec.structs.replace(state, requeued=Requeued(ended=state.status, fact=fact))
+    draft.status = "QUEUED"
     return _decided(definition, draft)
 
 
@@ -781,8 +852,11 @@ def _resume(definition: Definition, state: Saga, fact: ResumeRequested) -> Decis
     return _decided(definition, draft)
 
 
-def _rerun(definition: Definition, state: Saga, fact: RerunRequested) -> Decision:
-    """Invalidate ``fact.task`` and all downstream of it, then run again from it."""
+def _rerun(
+    definition: Definition, state: Saga, fact: RerunRequested, *, queue: bool = True
+) -> Decision:
+    """Invalidate ``fact.task`` and all downstream of it, then run again from it (once it
+    has a slot, if the definition has a concurrency limit: ``queue``)."""
     if fact.task not in definition.nodes:
         return _refused(state, 404, f"{state.workflow} has no task {fact.task!r}")
     if state.status not in TERMINAL:
@@ -793,6 +867,8 @@ def _rerun(definition: Definition, state: Saga, fact: RerunRequested) -> Decisio
         )
     if not any(t.ref == fact.task for t in state.tasks):
         return _refused(state, 409, f"task {fact.task!r} never ran: nothing to rerun")
+    if queue and definition.spec.concurrency is not None:
+        return _requeue(definition, state, fact)
     draft = _Draft(definition, state, fact.at, fact_id(fact))
     draft.status, draft.error, draft.output, draft.ended_by = "RUNNING", None, None, ""
     draft.compensating = None
@@ -830,8 +906,11 @@ def _rerun(definition: Definition, state: Saga, fact: RerunRequested) -> Decisio
     return _decided(definition, draft)
 
 
-def _retry_requested(definition: Definition, state: Saga, fact: RetryRequested) -> Decision:
-    """Run the failed task again (and what its failure canceled); history is kept."""
+def _retry_requested(
+    definition: Definition, state: Saga, fact: RetryRequested, *, queue: bool = True
+) -> Decision:
+    """Run the failed task again (and what its failure canceled); history is kept. With a
+    concurrency limit, once the workflow has a slot again (``queue``)."""
     if state.status not in {"FAILED", "TIMED_OUT", "TERMINATED"}:
         return _refused(
             state,
@@ -847,6 +926,8 @@ def _retry_requested(definition: Definition, state: Saga, fact: RetryRequested) 
     ]
     if not again:
         return _refused(state, 409, "no failed task to retry")
+    if queue and definition.spec.concurrency is not None:
+        return _requeue(definition, state, fact)
     draft = _Draft(definition, state, fact.at, fact_id(fact))
     draft.status, draft.error, draft.output, draft.ended_by = "RUNNING", None, None, ""
     for record in again:
@@ -947,7 +1028,8 @@ def _begin(draft: _Draft, ref: str, node: Node, extra: dict[str, Json]) -> None:
     templates = node.templates
     match node.task:
         case SimpleTask() | WaitTask() | SubWorkflowTask() as task:
-            _schedule(draft, ref, task, templates["input"].evaluate(draft.context(**extra)))
+            data = templates["input"].evaluate(draft.context(**extra))
+            _schedule(draft, ref, task, data, extra)
         case DelayTask() as task:
             _delay(draft, ref, task, templates["duration_s"].evaluate(draft.context()))
         case SwitchTask() as task:
@@ -1024,7 +1106,8 @@ def _graph_step(draft: _Draft, graph_ref: str) -> None:
             continue
         assert isinstance(node.task, SimpleTask | WaitTask | SubWorkflowTask)
         data = node.templates["input"].evaluate(context)
-        _schedule(draft, ref, node.task, {**given, **(data if isinstance(data, dict) else {})})
+        data = {**given, **(data if isinstance(data, dict) else {})}
+        _schedule(draft, ref, node.task, data, {"artefacts": given})
         busy = True
     if not busy:
         output = {**artefacts, **dict.fromkeys(gone - artefacts.keys())}
@@ -1082,21 +1165,39 @@ def _switch(draft: _Draft, ref: str, task: SwitchTask, value: Json) -> None:
 
 
 def _schedule(
-    draft: _Draft, ref: str, task: SimpleTask | WaitTask | SubWorkflowTask, data: Json
+    draft: _Draft,
+    ref: str,
+    task: SimpleTask | WaitTask | SubWorkflowTask,
+    data: Json,
+    extra: dict[str, Json],
 ) -> None:
     if isinstance(task, WaitTask):
         draft.record(ref, task, status="IN_PROGRESS", input=data)
         return
+    slot = ""
+    if isinstance(task, SimpleTask) and task.concurrency is not None:
+        slot = _task_slot(draft, ref, task.task, task.concurrency, extra)
     record = draft.record(
         ref,
         task,
         status="SCHEDULED",
         input=data,
         timeout_at=_deadline(draft.at, getattr(task, "timeout_s", None)),
+        slot=slot,
     )
     if isinstance(task, SubWorkflowTask):
         child = child_workflow_id(draft.state.workflow_id, ref, record.attempt)
         draft.put(msgspec.structs.replace(record, child=child))
+
+
+def _task_slot(
+    draft: _Draft, ref: str, name: str, concurrency: Concurrency, extra: dict[str, Json]
+) -> str:
+    """The semaphore a task's attempts take a slot of: its name's, per key value."""
+    node = node_of(draft.definition, ref)
+    key = node.templates.get("concurrency_key") if node is not None else None
+    value = key.evaluate(draft.context(**extra)) if key is not None else None
+    return slot_name("task", name, concurrency.key, value)
 
 
 def _deadline(at: str, seconds: float | None) -> str | None:
@@ -1132,7 +1233,7 @@ def _fork(draft: _Draft, ref: str, task: ForkTask) -> None:
             .evaluate(draft.context(item=item, index=index))
         )
         assert isinstance(each, SimpleTask | SubWorkflowTask)
-        _schedule(draft, instance, each, data)
+        _schedule(draft, instance, each, data, {"item": item, "index": index})
 
 
 def _fail(draft: _Draft, ref: str, message: str) -> None:
@@ -1165,7 +1266,7 @@ def _fail_workflow(draft: _Draft, status: WorkflowStatus, error: Failure) -> Non
 def _run_compensation(draft: _Draft, ref: str) -> None:
     node = draft.definition.nodes[ref]
     assert isinstance(node.task, SimpleTask)
-    _schedule(draft, ref, node.task, node.templates["input"].evaluate(draft.context()))
+    _schedule(draft, ref, node.task, node.templates["input"].evaluate(draft.context()), {})
 
 
 def _next_compensation(draft: _Draft) -> None:

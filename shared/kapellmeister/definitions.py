@@ -15,6 +15,7 @@ the decider walks a table instead of the tree.
 from __future__ import annotations
 
 import datetime
+import hashlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
@@ -36,6 +37,9 @@ from kapellmeister.messages import NAME_PATTERN
 
 __all__ = [
     "After",
+    "Concurrency",
+    "Priority",
+    "slot_name",
     "Definition",
     "DelayTask",
     "EventTask",
@@ -79,6 +83,27 @@ TaskName = Annotated[str, msgspec.Meta(pattern=TASK_PATTERN)]
 EventSubject = Annotated[str, msgspec.Meta(pattern=SUBJECT_PATTERN)]
 TriggerSubject = Annotated[str, msgspec.Meta(pattern=TRIGGER_PATTERN)]
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
+# Work waiting for a concurrency slot is served highest priority first.
+Priority = Annotated[int, msgspec.Meta(ge=0, le=99)]
+
+
+class Concurrency(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """At most ``limit`` at once across every conductor replica (`kapellmeister.slots`);
+    with ``key`` (an expression such as ``${workflow.input.customer}``), at most
+    ``limit`` per value of it. What is over the limit waits, in order of priority, then
+    of arrival."""
+
+    limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)]
+    key: str = ""
+
+
+def slot_name(kind: Literal["wf", "task"], name: str, key: str, value: Json) -> str:
+    """The `slots` bucket key of a semaphore: ``wf.<workflow>`` or ``task.<task name>``,
+    and ``.k.<digest>`` of the key's JSON value when the limit has a ``key``."""
+    if not key:
+        return f"{kind}.{name}"
+    digest = hashlib.sha256(msgspec.json.encode(value)).hexdigest()[:16]
+    return f"{kind}.{name}.k.{digest}"
 
 
 class RetryPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -113,6 +138,10 @@ class SimpleTask(_Task, tag="SIMPLE", frozen=True):
     optional: bool = False
     # Undoes this task's effect if the workflow fails after it completed (the saga).
     compensate: SimpleTask | None = None
+    # At most this many attempts of the task name dispatched at once, in all workflows.
+    concurrency: Concurrency | None = None
+    # The order among attempts waiting for a slot; None: the workflow's priority.
+    priority: Priority | None = None
 
     def __post_init__(self) -> None:
         limit, heartbeat = self.timeout_s, self.response_timeout_s
@@ -281,6 +310,10 @@ class WorkflowDef(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     # How long a finished workflow is kept after it ends; then the sweeper removes its
     # saga from KV. None: KAPELLMEISTER_RETENTION_S, and without that, kept.
     retention_s: PositiveSeconds | None = None
+    # At most this many of its workflows RUNNING (or PAUSED) at once; the rest are QUEUED.
+    concurrency: Concurrency | None = None
+    # Its workflows' priority unless a start's `Priority` header says otherwise.
+    priority: Priority = 0
 
 
 # Conductor's names for our fields. `name` is Conductor's task-definition name only when
@@ -463,6 +496,12 @@ class Definition:
             (t, _compile_trigger(t, i)) for i, t in enumerate(spec.triggers)
         ]
         self._input_type = _input_struct(spec.name, spec.input)
+        self.concurrency_key = _compile_concurrency_key(spec)
+        # Whether any concurrency limit applies: saga writes may then free slots.
+        self.limited = spec.concurrency is not None or any(
+            isinstance(n.task, SimpleTask) and n.task.concurrency is not None
+            for n in nodes.values()
+        )
         # For each task, the refs that may have finished before it starts.
         self.ran_before = _ran_before(spec.tasks)
 
@@ -528,6 +567,8 @@ def _templates(task: TaskDef, path: str) -> dict[str, Compiled]:
 
 def _compile_templates(task: TaskDef) -> dict[str, Compiled]:
     match task:
+        case SimpleTask(input=data, concurrency=Concurrency(key=key)) if key:
+            return {"input": compile_value(dict(data)), "concurrency_key": compile_value(key)}
         case (
             SimpleTask(input=data)
             | EventTask(input=data)
@@ -811,6 +852,23 @@ def subject_matches(pattern: str, subject: str) -> bool:
         if i >= len(tokens) or (token != "*" and token != tokens[i]):
             return False
     return len(tokens) == len(wanted)
+
+
+def _compile_concurrency_key(spec: WorkflowDef) -> Compiled | None:
+    """The workflow's concurrency key, which is evaluated at start: ``${workflow.…}`` only."""
+    if spec.concurrency is None or not spec.concurrency.key:
+        return None
+    try:
+        compiled = compile_value(spec.concurrency.key)
+    except ExpressionError as exc:
+        raise InvalidDefinition(f"{exc} - at `concurrency.key`") from exc
+    for path in paths(compiled):
+        if path[0] != "workflow":
+            raise InvalidDefinition(
+                "a workflow's concurrency key may name only ${workflow.…}, not "
+                f"{path[0]!r} - at `concurrency.key`"
+            )
+    return compiled
 
 
 def _compile_output(spec: WorkflowDef) -> Compiled:

@@ -55,7 +55,7 @@ _REMOVE: Final = {"KV-Operation": "PURGE", "Nats-Rollup": "sub", "Nats-TTL": str
 # How long a new workflow's first index write waits for it to end (seconds).
 _NEW_HOLD_S: Final = 1.0
 # Statuses the sweeper looks at.
-_ACTIVE: Final = ("RUNNING", "PAUSED")
+_ACTIVE: Final = ("QUEUED", "RUNNING", "PAUSED")
 
 
 class IndexEntry(WorkflowSummary, frozen=True, omit_defaults=True):

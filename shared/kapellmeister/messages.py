@@ -23,6 +23,9 @@ import msgspec
 from kapellmeister.expressions import Json
 
 __all__ = [
+    "AcquireSlot",
+    "SlotGranted",
+    "Requeued",
     "RerunRequested",
     "ChildTermination",
     "Compensating",
@@ -73,7 +76,10 @@ WORKFLOW_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_=-]{1,128}")
 # A definition's name: a subject token (conductor.start.<name>) and a KV key part.
 NAME_PATTERN: Final = r"^[A-Za-z0-9_-]{1,64}$"
 
-WorkflowStatus = Literal["RUNNING", "PAUSED", "COMPLETED", "FAILED", "TIMED_OUT", "TERMINATED"]
+# QUEUED: started, and waiting for a slot of its definition's `concurrency` limit.
+WorkflowStatus = Literal[
+    "QUEUED", "RUNNING", "PAUSED", "COMPLETED", "FAILED", "TIMED_OUT", "TERMINATED"
+]
 TaskStatus = Literal[
     "SCHEDULED", "IN_PROGRESS", "COMPLETED", "FAILED", "TIMED_OUT", "SKIPPED", "CANCELED"
 ]
@@ -204,6 +210,9 @@ class TaskRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     history: list[Attempt] = []
     # Why a task did not run (SKIPPED: its `when` was false).
     reason: str = ""
+    # The semaphore (`slots` bucket key) of a task with a `concurrency` limit: each
+    # attempt is dispatched only once it holds a slot of it.
+    slot: str = ""
 
 
 class ParentLink(msgspec.Struct, frozen=True, kw_only=True):
@@ -221,6 +230,14 @@ class Compensating(msgspec.Struct, frozen=True, kw_only=True):
     error: Failure | None
     # The compensation task refs still to run, in order.
     pending: list[str]
+
+
+class Requeued(msgspec.Struct, frozen=True, kw_only=True):
+    """A rerun or retry of a finished workflow with a concurrency limit: it is applied
+    when the workflow gets a slot again, to the workflow as it had ``ended``."""
+
+    ended: WorkflowStatus
+    fact: RerunRequested | RetryRequested
 
 
 class Saga(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -260,6 +277,13 @@ class Saga(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     # be published yet: requests are not redelivered, so the conductor clears this after
     # publishing and the sweeper republishes while it is set.
     unpublished: str = ""
+    # 0-99, higher first: the order in which work waiting for a concurrency slot gets one.
+    priority: int = 0
+    # The semaphore of the definition's `concurrency` limit this workflow holds (or, while
+    # QUEUED, waits for).
+    slot: str = ""
+    # A rerun or retry of a finished workflow that waits, QUEUED, for a slot.
+    requeued: Requeued | None = None
 
 
 # --- facts: what happened, the decider's input -----------------------------------------
@@ -279,6 +303,8 @@ class Started(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     # Tasks switched off for the workflow's tenant (the definition's and the `tenants`
     # bucket's), fixed at start: a later change of the configuration affects new ones.
     switched_off: list[str] = []
+    # The `Priority` header of the start (0-99); None: the definition's `priority`.
+    priority: int | None = None
 
 
 class TaskCompleted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -382,6 +408,13 @@ class TerminateRequested(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     compensate: bool = False
 
 
+class SlotGranted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """A QUEUED workflow got a slot of its definition's concurrency limit: it runs now."""
+
+    workflow_id: str
+    at: str
+
+
 Fact = (
     Started
     | TaskCompleted
@@ -395,6 +428,7 @@ Fact = (
     | PauseRequested
     | ResumeRequested
     | RerunRequested
+    | SlotGranted
 )
 
 
@@ -412,6 +446,22 @@ class RunTask(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     attempt: int
     input: Json
     response_timeout_s: float | None = None
+    # Dispatched only once it holds a slot of semaphore ``slot`` (at most ``limit``
+    # holders; waiters are served by ``priority``, then in order of arrival).
+    slot: str = ""
+    limit: int = 0
+    priority: int = 0
+
+
+class AcquireSlot(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Take a slot of semaphore ``slot`` for a QUEUED workflow, or wait in its queue; the
+    grant is applied as the workflow's `SlotGranted`."""
+
+    msg_id: str
+    workflow_id: str
+    slot: str
+    limit: int
+    priority: int = 0
 
 
 class PublishEvent(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -479,7 +529,15 @@ class TerminateWorkflow(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     compensate: bool = False
 
 
-Command = RunTask | PublishEvent | ScheduleTimer | StartWorkflow | NotifyParent | TerminateWorkflow
+Command = (
+    RunTask
+    | PublishEvent
+    | ScheduleTimer
+    | StartWorkflow
+    | NotifyParent
+    | TerminateWorkflow
+    | AcquireSlot
+)
 
 
 class Refusal(msgspec.Struct, frozen=True):

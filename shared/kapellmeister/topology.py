@@ -88,6 +88,8 @@ BUCKETS: Final = {
     "schedules": 5,
     # Token buckets of rate-limited tasks (`kapellmeister.rates`).
     "rates": 1,
+    # Semaphores of concurrency limits (`kapellmeister.slots`).
+    "slots": 1,
 }
 # A lease outlives its attempt by at most a day (a crashed agent never deletes it); a
 # scatter-gather group is kept a week.

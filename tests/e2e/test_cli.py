@@ -121,6 +121,21 @@ async def test_signal_and_terminate_the_approval_workflow(nats_url, conductor):
     assert _json(again.stderr)["error"]["code"] == 409
 
 
+async def test_start_with_a_priority_and_a_bad_one(nats_url, conductor):
+    run = cli(nats_url)
+    started = run("start", "approval", '{"money": 5}', "--id", "urgent-1", "--priority", "80")
+    assert started.returncode == 0, started.stderr
+    assert _json(run("get", "urgent-1", "--json").stdout)["priority"] == 80
+    refused = run("start", "approval", '{"money": 5}', "--id", "urgent-2", "--priority", "100")
+    assert refused.returncode == 1
+    assert _json(refused.stderr)["error"] == {
+        "code": 400,
+        "type": "bad_request",
+        "message": "header Priority must be 0-99, got 100",
+    }
+    assert run("get", "urgent-2").returncode == 1
+
+
 async def test_an_unknown_subject_says_nothing_answers(nats_url):
     got = cli(nats_url)("get", "pay-1")
     assert got.returncode == 1

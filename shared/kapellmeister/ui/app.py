@@ -81,7 +81,7 @@ __all__ = ["LOOPBACK", "create_app"]
 LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
 
 ACTIONS = ("signal", "retry", "rerun", "pause", "resume", "terminate")
-STATUSES = ("RUNNING", "PAUSED", "COMPLETED", "FAILED", "TIMED_OUT", "TERMINATED")
+STATUSES = ("QUEUED", "RUNNING", "PAUSED", "COMPLETED", "FAILED", "TIMED_OUT", "TERMINATED")
 # A token that goes into a subject: no dots, wildcards or spaces.
 _TOKEN = re.compile(r"[A-Za-z0-9_=-]{1,128}")
 # A W3C trace id: only such an id goes into a link.
