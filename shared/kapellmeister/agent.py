@@ -58,6 +58,7 @@ from kapellmeister.lease import LEASES, Lease, lease_key
 from kapellmeister.messages import Failure, Json, TaskRequest, TaskResult
 from kapellmeister.metrics import metrics
 from kapellmeister.micro import add_endpoint, error_detail, stop_service
+from kapellmeister.payloads import Payloads
 from kapellmeister.publisher import Publisher
 from kapellmeister.rates import RATES, Rate, RateLimiter, bucket_key
 from kapellmeister.runtime import connect, disconnect, run_service, utc_now, within
@@ -206,6 +207,7 @@ class Agent:
         self._publisher: Publisher | None = None
         self._leases: KeyValue | None = None
         self._limiter: RateLimiter | None = None
+        self._payloads: Payloads | None = None
         self._clock: ServerClock | None = None
         self._stopping = asyncio.Event()
         self._worker_id = ""  # <name>/<micro service id>, once the service is up
@@ -222,6 +224,7 @@ class Agent:
         needed = [name for name in BUCKETS if name != RATES]
         buckets = await ensure_buckets(self._js, settings.replicas, names=needed)
         self._leases = buckets[LEASES]
+        self._payloads = Payloads(self._js, settings.payload_threshold, settings.replicas)
         if any(spec.rate is not None for spec in self.tasks):
             # Slots are counted on the server's clock, which every replica shares.
             clock = self._clock = ServerClock(nc)
@@ -294,7 +297,8 @@ class Agent:
         async def handle(request: Request) -> bytes:
             with tracing.span(name, SpanKind.SERVER, request.headers, attributes=attributes):
                 try:
-                    return await spec.call(request.data)
+                    assert self._payloads is not None
+                    return await spec.call(await self._payloads.resolve(request.data or b"{}"))
                 except Exception as exc:
                     tracing.record_error(exc)
                     raise
@@ -453,17 +457,22 @@ class Agent:
     async def _call(
         self, spec: TaskSpec[Any, Any], request: TaskRequest, lease: Lease | None
     ) -> msgspec.Raw:
-        """Run the handler; under a lease, renew it every third of the response timeout
-        and stop the handler if a renewal finds the attempt cancelled."""
+        """Run the handler (its input's payload references resolved, its big output
+        spilled to references); under a lease, renew it every third of the response
+        timeout and stop the handler if a renewal finds the attempt cancelled."""
+        payloads = self._payloads
+        assert payloads is not None
+        data = await payloads.resolve(bytes(request.input))
+        spilled = f"{request.workflow_id}/{request.ref}/{request.attempt}/output"
         if lease is None or not request.response_timeout_s:
             # Raw embeds the handler's encoded result as it is, without a decode.
-            return msgspec.Raw(await spec.call(request.input))
-        call = asyncio.ensure_future(spec.call(request.input))
+            return msgspec.Raw(await payloads.spill(await spec.call(data), spilled))
+        call = asyncio.ensure_future(spec.call(data))
         period = request.response_timeout_s / 3
         while True:
             done, _ = await asyncio.wait({call}, timeout=period)
             if done:
-                return msgspec.Raw(call.result())
+                return msgspec.Raw(await payloads.spill(call.result(), spilled))
             try:
                 renewed = await lease.renew()
             except (TimeoutError, nats.errors.Error) as exc:

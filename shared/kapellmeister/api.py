@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import msgspec
 from nats.aio.client import Client
@@ -154,11 +154,22 @@ class _Api:
 
     async def get(self, request: Request) -> bytes:
         workflow_id = _workflow_id(request)
+        query = _decode_get(request.data or b"{}")
         try:
             entry = await self.conductor.store.kv.get(workflow_id)
         except KeyNotFoundError:
             raise WorkflowNotFound(f"no workflow with id {workflow_id!r}") from None
-        return entry.value or b""
+        saga = entry.value or b""
+        if not query.inline:
+            return saga
+        inlined = await self.conductor.payloads.resolve(saga)
+        if len(inlined) > self.conductor.nc.max_payload - _REPLY_MARGIN:
+            raise BadRequest(
+                f"workflow {workflow_id} with its payloads inlined is {len(inlined)} bytes, "
+                f"more than a NATS message may carry ({self.conductor.nc.max_payload}): get "
+                "it without inline and fetch each with `nats object get payloads <name>`"
+            )
+        return inlined
 
     async def list(self, request: Request) -> bytes:
         query = _decode_list(request.data or b"{}")
@@ -280,6 +291,23 @@ def _schedule_name(request: Request) -> str:
     if not SCHEDULE_NAME.fullmatch(name):
         raise ScheduleNotFound(f"no schedule named {name!r}")
     return name
+
+
+class GetRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``conductor.get.<id>``'s optional body: ``inline`` the payloads it refers to."""
+
+    inline: bool = False
+
+
+# Room left in a reply for its headers.
+_REPLY_MARGIN: Final = 4096
+
+
+def _decode_get(data: bytes) -> GetRequest:
+    try:
+        return msgspec.json.decode(data.strip() or b"{}", type=GetRequest)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise BadRequest(f"bad get request: {exc}") from exc
 
 
 def _int_header(headers: dict[str, str], name: str) -> int | None:

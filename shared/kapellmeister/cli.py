@@ -280,7 +280,8 @@ def _start(args: argparse.Namespace) -> _Call:
 
 
 def _get(args: argparse.Namespace) -> _Call:
-    return _Call(f"conductor.get.{args.workflow_id}")
+    body = b'{"inline": true}' if args.inline else b""
+    return _Call(f"conductor.get.{args.workflow_id}", body)
 
 
 def _list(args: argparse.Namespace) -> _Call:
@@ -691,6 +692,9 @@ def _add_workflow_commands(commands: argparse._SubParsersAction[argparse.Argumen
         commands, "get", "a workflow's saga state: conductor.get.<id>", _get, _show_saga
     )
     get.add_argument("workflow_id")
+    get.add_argument(
+        "--inline", action="store_true", help="with the payloads it refers to, inlined"
+    )
     listing = _client_command(
         commands, "list", "workflows, newest first: conductor.list", _list, _show_list
     )

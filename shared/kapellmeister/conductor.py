@@ -91,6 +91,7 @@ from kapellmeister.messages import (
 )
 from kapellmeister.metrics import metrics
 from kapellmeister.micro import stop_service
+from kapellmeister.payloads import Payloads, ensure_payloads
 from kapellmeister.publisher import Publisher
 from kapellmeister.recovery import Recovery, is_old
 from kapellmeister.registry import DefinitionStore, Registry
@@ -150,6 +151,7 @@ class Conductor:
         self._tenants: KeyValue | None = None
         self._scheduler: Scheduler | None = None
         self._limits: Limits | None = None
+        self._payloads: Payloads | None = None
         # What the sweeper re-drove, by workflow: the updated_at it saw, how often, and
         # when next. An unchanged workflow is re-driven again with doubling gaps (a
         # republish that was acknowledged can still be lost to a server crash), not at
@@ -183,6 +185,11 @@ class Conductor:
     def leases(self) -> KeyValue:
         assert self._leases is not None, "start() first"
         return self._leases
+
+    @property
+    def payloads(self) -> Payloads:
+        assert self._payloads is not None, "start() first"
+        return self._payloads
 
     @property
     def limits(self) -> Limits:
@@ -232,6 +239,8 @@ class Conductor:
         self._leases = buckets[LEASES]
         self._tenants = buckets["tenants"]
         self._limits = Limits(self, Slots(buckets[SLOTS], self._clock.now, settings.slot_lease_s))
+        await ensure_payloads(self._js, settings.replicas)  # the owner creates it
+        self._payloads = Payloads(self._js, settings.payload_threshold, settings.replicas)
         self._definitions = DefinitionStore(buckets["definitions"], buckets["tasks"], self.registry)
         await self._definitions.start(shipped=self.registry.all())
         durable = await ensure_consumer(
@@ -454,13 +463,15 @@ class Conductor:
             case RunTask():
                 if command.slot and not await self.limits.admit(command):
                     return  # it waits for a slot: dispatched when it gets one
+                where = f"{command.workflow_id}/{command.ref}/{command.attempt}/input"
+                data = await self.payloads.spill(_encode(command.input), where)
                 request = TaskRequest(
                     workflow_id=command.workflow_id,
                     workflow=command.workflow,
                     ref=command.ref,
                     task=command.task,
                     attempt=command.attempt,
-                    input=msgspec.Raw(_encode(command.input)),
+                    input=msgspec.Raw(data),
                     response_timeout_s=command.response_timeout_s,
                 )
                 await self.publisher.publish(f"tasks.{command.task}", _encode(request), headers)
@@ -1074,8 +1085,19 @@ class Conductor:
             return
         self.index.note(indexed, None)
         self.store.forget(workflow_id)
+        await self._delete_payloads(entry.value or b"{}")
         metrics().expired.add(1, {"workflow.name": head.workflow})
         log.info("%s expired: finished, past its retention", workflow_id)
+
+    async def _delete_payloads(self, saga: bytes) -> None:
+        """Delete the payload objects an expired saga referred to (best effort: an
+        object left behind is only space)."""
+        if b'"$payload"' not in saga:
+            return
+        try:
+            await self.payloads.delete(msgspec.json.decode(saga))
+        except (TimeoutError, nats.errors.Error) as exc:
+            log.warning("payloads of an expired workflow not deleted: %r", exc)
 
     async def _count_deadletters(self) -> None:
         gauges = metrics()

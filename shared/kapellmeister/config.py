@@ -47,6 +47,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     sweep_interval_s: float = 30.0
     # The sweeper leaves workflows updated in the last few seconds to their writer.
     sweep_grace_s: float = 5.0
+    # A task input or output whose JSON is longer than this (bytes) has its biggest
+    # values stored in the `payloads` Object Store bucket, by reference (claim check).
+    payload_threshold: Annotated[int, msgspec.Meta(ge=1024)] = 65_536
     # How long a concurrency slot's holder is trusted before the sweeper checks its saga
     # (`kapellmeister.slots`): the longest a slot stays taken after a crash lost its release.
     slot_lease_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0

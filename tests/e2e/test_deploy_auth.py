@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -25,6 +26,7 @@ from kapellmeister.processes import ServiceProcess, wait_for_services
 from kapellmeister.server import EmbeddedServer, find_binary
 from tests import deploy
 from tests.support import (
+    body,
     call,
     event_stream,
     free_port,
@@ -375,3 +377,21 @@ async def test_the_web_ui_works_as_the_client_user(secured, connect, tmp_path):
     finally:
         ui.stop()
     assert "violation" not in ui.log_tail(100_000).lower()
+
+
+async def test_payload_references_work_under_the_users(connect):
+    client = await connect("client")
+    nc, js = client.nc, client.js
+    store = await js.object_store("payloads")
+    data = msgspec.json.encode("2019-04-02")
+    await store.put("secured/date.json", data)
+    reference = {
+        "$payload": "secured/date.json",
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    # The weather agent reads the object under its own user, for the handler.
+    by_reference = await call(nc, "weather.report", {"date": reference})
+    assert "Nats-Service-Error" not in (by_reference.headers or {}), by_reference.data
+    assert body(by_reference) == body(await call(nc, "weather.report", {"date": "2019-04-02"}))
+    assert client.violations() == []
