@@ -777,6 +777,7 @@ class Conductor:
             traceparent=traceparent,
             tracestate=trace.get("tracestate", ""),
             parent=parent,
+            priority=command.priority,
         )
         child = await self.start_workflow(fact, trace, started_ns)
         if parent is not None and child.status not in TERMINAL:
@@ -969,7 +970,10 @@ class Conductor:
         # Backoff is forgotten for what is no longer active; a change resets it on load.
         self._redriven = {k: v for k, v in self._redriven.items() if k in active}
         clock = asyncio.get_running_loop().time()
+        waiting = await self.limits.members()
         for workflow_id in active:
+            if active[workflow_id].status == "QUEUED" and workflow_id in waiting:
+                continue  # it holds or waits for its slot, in order: nothing to re-drive
             last = self._redriven.get(workflow_id)
             if last is not None and clock < last.next_at:
                 continue
@@ -1012,7 +1016,7 @@ class Conductor:
         found: dict[str, IndexEntry] = {}
         running: collections.Counter[str] = collections.Counter()
         for entry in await self.index.active():
-            if entry.status not in TERMINAL:
+            if entry.status not in TERMINAL and entry.status != "QUEUED":
                 running[entry.workflow] += 1
             found[entry.workflow_id] = entry
         gauges = metrics()

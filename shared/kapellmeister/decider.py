@@ -276,6 +276,7 @@ def commands_caused_by(definition: Definition, state: Saga, cause: str) -> tuple
                 },
                 tenant=state.tenant,
                 parent=None,
+                priority=state.priority,
             )
         )
     if state.parent is not None and state.ended_by == cause and state.status in TERMINAL:
@@ -369,6 +370,7 @@ def _command(state: Saga, record: TaskRecord, task: TaskDef) -> Command | None:
                 parent=ParentLink(
                     workflow_id=state.workflow_id, ref=record.ref, attempt=record.attempt
                 ),
+                priority=state.priority,
             )
     return None
 
@@ -971,6 +973,13 @@ def _signal(definition: Definition, state: Saga, fact: SignalReceived) -> Decisi
 def _terminate(definition: Definition, state: Saga, fact: TerminateRequested) -> Decision:
     if state.status in TERMINAL:
         return _refused(state, 409, f"workflow {state.workflow_id} is {state.status}")
+    if state.requeued is not None:
+        # A rerun or retry waiting for its slot: it is called off, and the workflow is
+        # back as it had ended (nothing of it ran again, so nothing is undone).
+        draft = _Draft(definition, state, fact.at, fact_id(fact))
+        draft.state = msgspec.structs.replace(state, requeued=None)
+        draft.status = state.requeued.ended
+        return _decided(definition, draft)
     if fact.compensate and state.compensating is not None:
         # Already undoing what it did; cutting that short is what compensate=false is for.
         return _refused(

@@ -16,9 +16,13 @@ slot, and the audit of lost releases (the semaphores themselves: `kapellmeister.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 from typing import TYPE_CHECKING
+
+import msgspec
+import nats.errors
 
 from kapellmeister.decider import commands_caused_by, task_msg_id
 from kapellmeister.definitions import Definition
@@ -29,7 +33,7 @@ from kapellmeister.messages import (
     Saga,
     SlotGranted,
 )
-from kapellmeister.slots import Holder, Slots, Waiter
+from kapellmeister.slots import Semaphore, Slots, Verdict, Waiter, holder_of
 from kapellmeister.store import read_bucket
 
 if TYPE_CHECKING:
@@ -40,6 +44,7 @@ __all__ = ["Limits", "released_slots"]
 log = logging.getLogger("kapellmeister.limits")
 
 _WAITING = frozenset({"SCHEDULED", "IN_PROGRESS"})
+_decode_semaphore = msgspec.json.Decoder(Semaphore).decode
 # The grants the running `Limits.dispatch` loop (of this task) still has to send on.
 _GRANTS: contextvars.ContextVar[list[tuple[str, Waiter]] | None] = contextvars.ContextVar(
     "slot_grants", default=None
@@ -71,26 +76,14 @@ class Limits:
 
     async def admit(self, command: RunTask) -> bool:
         """Whether the attempt holds a slot now (taking one, or queueing it)."""
-        waiter = Waiter(
-            id=command.msg_id,
-            workflow_id=command.workflow_id,
-            ref=command.ref,
-            attempt=command.attempt,
-            priority=command.priority,
-            since=self.slots.now(),
-        )
+        waiter = Waiter(id=command.msg_id, priority=command.priority, since=self.slots.now())
         holds, granted = await self.slots.acquire(command.slot, waiter, command.limit)
         await self.dispatch(command.slot, granted)
         return holds
 
     async def acquire(self, command: AcquireSlot) -> None:
         """A QUEUED workflow asks for its slot: it starts now, or when one frees."""
-        waiter = Waiter(
-            id=command.workflow_id,
-            workflow_id=command.workflow_id,
-            priority=command.priority,
-            since=self.slots.now(),
-        )
+        waiter = Waiter(id=command.workflow_id, priority=command.priority, since=self.slots.now())
         holds, granted = await self.slots.acquire(command.slot, waiter, command.limit)
         if holds:
             granted = [waiter, *granted]
@@ -101,7 +94,14 @@ class Limits:
         if before is None or not definition.limited:
             return
         for name, holder in released_slots(before, after):
-            await self.dispatch(name, await self.slots.release(name, holder))
+            try:
+                granted = await self.slots.release(name, holder)
+            except (TimeoutError, nats.errors.Error) as exc:
+                # The saga is written: the fact goes on. The holder's lease runs out and
+                # the sweeper's audit frees the slot then.
+                log.warning("slot %s: %s not given back (%r); the audit will", name, holder, exc)
+                continue
+            await self.dispatch(name, granted)
 
     async def dispatch(self, name: str, granted: list[Waiter]) -> None:
         """Send on each waiter that was granted a slot of ``name``; one whose saga no longer
@@ -119,32 +119,39 @@ class Limits:
         try:
             while pending:
                 name, waiter = pending.pop(0)
-                if await self._send_on(waiter):
+                if await self._send_on(name, waiter):
                     continue
                 log.info("slot %s: %s no longer waits; given to the next", name, waiter.id)
                 pending.extend((name, w) for w in await self.slots.release(name, waiter.id))
         finally:
             _GRANTS.reset(token)
 
-    async def _send_on(self, waiter: Waiter) -> bool:
+    async def _send_on(self, name: str, waiter: Waiter) -> bool:
         """Dispatch a granted waiter; False if its saga shows it no longer waits."""
         conductor = self.conductor
-        state = (await conductor.store.load(waiter.workflow_id, fresh=True)).state
-        if not waiter.ref:
+        workflow_id, ref, attempt = holder_of(waiter.id)
+        state = (await conductor.store.load(workflow_id, fresh=True)).state
+        if not ref:
             if state is None or state.status in TERMINAL:
                 return False  # it ended while it waited
+            if state.status != "QUEUED":
+                return True  # running already (a grant sent on twice)
+            semaphore, _ = await self.slots.read(name)
+            if semaphore is None or waiter.id not in semaphore.holders:
+                # Ended and queued anew since this grant (a rerun): not this grant's.
+                return True
             at = conductor.clock.now()
             # Applied, its end (even at once) gives the slot back itself (`released`).
             await conductor.request(
-                SlotGranted(workflow_id=waiter.workflow_id, at=at), operation="slot granted"
+                SlotGranted(workflow_id=workflow_id, at=at), operation="slot granted"
             )
             return True
-        record = next((t for t in state.tasks if t.ref == waiter.ref), None) if state else None
+        record = next((t for t in state.tasks if t.ref == ref), None) if state else None
         if (
             state is None
             or state.status in TERMINAL
             or record is None
-            or record.attempt != waiter.attempt
+            or record.attempt != attempt
             or record.status not in _WAITING
         ):
             return False
@@ -156,25 +163,45 @@ class Limits:
             for c in commands_caused_by(definition, state, record.cause)
             if isinstance(c, RunTask) and c.ref == record.ref
         )
-        await conductor.publish(state, dispatch)
+        # A replay: past the dedupe window only a dispatch that is not stored goes out.
+        await conductor.publish_decided(state, dispatch, replay=True)
         return True
 
+    async def members(self) -> set[str]:
+        """Every id that holds or waits for a slot, in any semaphore in use (the sweeper
+        leaves those QUEUED workflows alone: they wait in order already)."""
+        found: set[str] = set()
+        async for _, value in read_bucket(self.slots.kv):
+            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                semaphore = _decode_semaphore(value)
+                found.update(semaphore.holders)
+                found.update(w.id for w in semaphore.waiting)
+        return found
+
     async def audit(self) -> int:
-        """Evict holders past their lease whose saga says they no longer run, in every
-        semaphore in use; dispatch whom the freed slots go to. How many were granted."""
+        """In every semaphore in use: evict holders past their lease whose saga says
+        they ended, send on again those granted whose dispatch was lost, and dispatch
+        whom the freed slots go to. How many were dispatched."""
         count = 0
         names = [name async for name, _ in read_bucket(self.slots.kv)]
         for name in names:
-            granted = await self.slots.audit(name, self._alive)
-            count += len(granted)
-            await self.dispatch(name, granted)
+            granted, stalled = await self.slots.audit(name, self._judge)
+            for id in stalled:
+                log.info("slot %s: %s was granted but not sent on; sending it on", name, id)
+            await self.dispatch(name, [*granted, *(Waiter(id=id) for id in stalled)])
+            count += len(granted) + len(stalled)
         return count
 
-    async def _alive(self, id: str, holder: Holder) -> bool:
-        state = (await self.conductor.store.load(holder.workflow_id, fresh=True)).state
+    async def _judge(self, id: str) -> Verdict:
+        workflow_id, ref, attempt = holder_of(id)
+        state = (await self.conductor.store.load(workflow_id, fresh=True)).state
         if state is None or state.status in TERMINAL:
-            return False
-        if not holder.ref:
-            return True
-        record = next((t for t in state.tasks if t.ref == holder.ref), None)
-        return record is not None and record.attempt == holder.attempt and record.status in _WAITING
+            return "dead"
+        if not ref:
+            return "stalled" if state.status == "QUEUED" else "running"
+        record = next((t for t in state.tasks if t.ref == ref), None)
+        if record is None or record.attempt != attempt or record.status not in _WAITING:
+            return "dead"
+        if record.status == "SCHEDULED" and record.retry_at is None and not record.started_at:
+            return "stalled"  # published or not: a replay sends only what is missing
+        return "running"

@@ -501,6 +501,8 @@ class StartWorkflow(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     tenant: str
     # None for a failure workflow: it reports to nobody.
     parent: ParentLink | None
+    # The parent's priority (None: the child definition's).
+    priority: int | None = None
 
 
 class NotifyParent(msgspec.Struct, frozen=True, kw_only=True, tag=True):

@@ -27,9 +27,11 @@ import msgspec
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from kapellmeister.checker import SubWorkflows, check, problems_message
+from kapellmeister.checker import Problem, SubWorkflows, check, problems_message
 from kapellmeister.definitions import (
+    Concurrency,
     Definition,
+    SimpleTask,
     SubWorkflowTask,
     compile_definition,
     parse_definition,
@@ -221,6 +223,7 @@ class DefinitionStore:
         problems = check(
             definition, await self._task_registrations(), self._sub_workflows(definition)
         )
+        problems += self._limit_conflicts(definition)
         if problems:
             raise InvalidDefinition(problems_message(definition.name, problems))
         encoded = _encode(definition.spec)
@@ -239,6 +242,35 @@ class DefinitionStore:
         self._loaded.add(key)
         self._changed()
         return definition
+
+    def _limit_conflicts(self, definition: Definition) -> list[Problem]:
+        """A task name has one concurrency limit (its semaphore is the name's): a SIMPLE
+        task limited otherwise than in another definition's latest version is refused."""
+        problems: list[Problem] = []
+        elsewhere: dict[str, tuple[Concurrency, str]] = {}
+        for name in self.registry.names():
+            if name == definition.name:
+                continue
+            other = self.registry.get(name)
+            for node in other.nodes.values():
+                if isinstance(node.task, SimpleTask) and node.task.concurrency is not None:
+                    elsewhere[node.task.task] = (node.task.concurrency, f"{name} v{other.version}")
+        for node in definition.nodes.values():
+            task = node.task
+            if not isinstance(task, SimpleTask) or task.concurrency is None:
+                continue
+            known = elsewhere.get(task.task)
+            if known is not None and known[0] != task.concurrency:
+                limit, where = known
+                problems.append(
+                    Problem(
+                        f"{node.path}.concurrency",
+                        f"task {task.task!r} is limited to {limit.limit}"
+                        f"{f' per {limit.key}' if limit.key else ''} in {where}: a task name "
+                        "has one concurrency limit",
+                    )
+                )
+        return problems
 
     def _sub_workflows(self, definition: Definition) -> SubWorkflows:
         def lookup(name: str) -> list[str] | None:

@@ -31,8 +31,10 @@ caller, which dispatches it (`kapellmeister.conductor`).
 
 from __future__ import annotations
 
+import bisect
+import logging
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Final, Literal
 
 import msgspec
 from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError
@@ -40,35 +42,61 @@ from nats.js.kv import KeyValue
 
 from kapellmeister.messages import utc_shift
 
-__all__ = ["SLOTS", "Holder", "Semaphore", "Slots", "Waiter", "give_back", "take"]
+__all__ = [
+    "MAX_WAITING",
+    "SLOTS",
+    "Holder",
+    "Judge",
+    "Semaphore",
+    "Slots",
+    "Verdict",
+    "Waiter",
+    "give_back",
+    "holder_of",
+    "take",
+]
+
+log = logging.getLogger("kapellmeister.slots")
 
 SLOTS: Final = "slots"
 # JetStream's error code for a compare-and-set that found another revision.
 _WRONG_LAST_SEQUENCE: Final = 10071
 
 
-class Waiter(msgspec.Struct, frozen=True, kw_only=True):
-    """Who asks for a slot: a workflow (``ref`` empty) or a task attempt."""
+# At most this many wait in one semaphore's queue, and its value stays under this many
+# bytes (a NATS message carries 1 MiB): who comes when it is full is not queued, and
+# asks again when the sweeper re-drives it.
+MAX_WAITING: Final = 10_000
+_MAX_BYTES: Final = 768 * 1024
+# Compare-and-sets an audit tries on a busy semaphore before it leaves it to the next sweep.
+_AUDIT_TRIES: Final = 5
+
+
+def holder_of(id: str) -> tuple[str, str, int]:
+    """The workflow id, task ref and attempt an id names: a workflow's own id (ref "",
+    attempt 0), or a task attempt's ``<workflow_id>:<ref>:<attempt>`` (`task_msg_id`;
+    neither a workflow id nor a ref has a colon)."""
+    if ":" not in id:
+        return id, "", 0
+    workflow_id, ref, attempt = id.rsplit(":", 2)
+    return workflow_id, ref, int(attempt)
+
+
+class Waiter(msgspec.Struct, frozen=True, array_like=True):
+    """Who waits for a slot, stored as ``["<id>", <priority>, "<since>"]``: a workflow
+    (its id) or a task attempt (``<workflow_id>:<ref>:<attempt>``)."""
 
     id: str
-    workflow_id: str
-    ref: str = ""
-    attempt: int = 0
     priority: int = 0
     since: str = ""
 
 
-class Holder(msgspec.Struct, frozen=True, kw_only=True):
-    """Who holds a slot, since when, and until when its lease runs."""
+class Holder(msgspec.Struct, frozen=True, array_like=True):
+    """Who holds a slot (the key it is stored under), as ``["<since>", "<until>"]``:
+    until when its lease runs."""
 
-    workflow_id: str
-    ref: str = ""
-    attempt: int = 0
     since: str
     until: str
-
-    def as_waiter(self, id: str) -> Waiter:
-        return Waiter(id=id, workflow_id=self.workflow_id, ref=self.ref, attempt=self.attempt)
 
 
 class Semaphore(msgspec.Struct, frozen=True, kw_only=True):
@@ -82,11 +110,17 @@ class Semaphore(msgspec.Struct, frozen=True, kw_only=True):
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(Semaphore).decode
 
+Taken = Literal["holds", "waits", "full"]
+
 
 def _queue(waiting: list[Waiter], waiter: Waiter) -> None:
     """Put ``waiter`` after everyone of its priority or higher."""
-    at = next((i for i, w in enumerate(waiting) if w.priority < waiter.priority), len(waiting))
-    waiting.insert(at, waiter)
+    waiting.insert(bisect.bisect_right(waiting, -waiter.priority, key=_rank), waiter)
+
+
+def _rank(waiter: Waiter) -> int:
+    """The queue's order, ascending: higher priorities first."""
+    return -waiter.priority
 
 
 def _grant(
@@ -96,29 +130,29 @@ def _grant(
     granted: list[Waiter] = []
     while waiting and len(holders) < limit:
         waiter = waiting.pop(0)
-        holders[waiter.id] = Holder(
-            workflow_id=waiter.workflow_id,
-            ref=waiter.ref,
-            attempt=waiter.attempt,
-            since=now,
-            until=utc_shift(now, lease_s),
-        )
+        holders[waiter.id] = Holder(since=now, until=utc_shift(now, lease_s))
         granted.append(waiter)
     return granted
 
 
 def take(
     semaphore: Semaphore | None, waiter: Waiter, limit: int, now: str, lease_s: float
-) -> tuple[Semaphore, bool, list[Waiter]]:
-    """``waiter`` asks for a slot: the semaphore after, whether it holds one, and who else
-    was granted one (a grant a crash had lost). ``limit`` is the newest the caller has."""
+) -> tuple[Semaphore, Taken, list[Waiter]]:
+    """``waiter`` asks for a slot: the semaphore after; whether it holds one, waits, or
+    found the queue full; and who else was granted one (a grant a crash had lost).
+    ``limit`` is the newest the caller has. A holder asking again renews its lease."""
     current = semaphore or Semaphore(limit=limit)
     holders, waiting = dict(current.holders), list(current.waiting)
-    if waiter.id not in holders and all(w.id != waiter.id for w in waiting):
+    if waiter.id in holders:
+        holders[waiter.id] = Holder(since=holders[waiter.id].since, until=utc_shift(now, lease_s))
+    elif all(w.id != waiter.id for w in waiting):
+        if len(waiting) >= MAX_WAITING:
+            return current, "full", []
         _queue(waiting, waiter)
     granted = _grant(holders, waiting, limit, now, lease_s)
     after = Semaphore(limit=limit, holders=holders, waiting=waiting)
-    return after, waiter.id in holders, [w for w in granted if w.id != waiter.id]
+    taken: Taken = "holds" if waiter.id in holders else "waits"
+    return after, taken, [w for w in granted if w.id != waiter.id]
 
 
 def give_back(
@@ -132,8 +166,10 @@ def give_back(
     return Semaphore(limit=semaphore.limit, holders=holders, waiting=waiting), granted
 
 
-# Whether a holder (its id and record) still runs: its saga says so.
-Liveness = Callable[[str, Holder], Awaitable[bool]]
+# What a holder's saga says of it: ended ("dead"), running, or granted but never sent
+# on ("stalled": a crash lost its dispatch).
+Verdict = Literal["dead", "running", "stalled"]
+Judge = Callable[[str], Awaitable[Verdict]]
 
 
 class Slots:
@@ -153,11 +189,14 @@ class Slots:
         who else got one meanwhile (the caller dispatches them)."""
         while True:
             current, revision = await self.read(name)
-            after, holds, granted = take(current, waiter, limit, self.now(), self.lease_s)
+            after, taken, granted = take(current, waiter, limit, self.now(), self.lease_s)
+            if taken == "full" or len(_encode(after)) > _MAX_BYTES:
+                log.warning("slot %s: queue full; %s waits to be queued", name, waiter.id)
+                return False, []
             if after == current:
-                return holds, granted
+                return taken == "holds", granted
             if await self._write(name, after, revision):
-                return holds, granted
+                return taken == "holds", granted
 
     async def release(self, name: str, id: str) -> list[Waiter]:
         """``id`` gives its slot (or its place in the queue) back: who got a slot."""
@@ -171,30 +210,40 @@ class Slots:
             if await self._write(name, after, revision):
                 return granted
 
-    async def audit(self, name: str, alive: Liveness) -> list[Waiter]:
-        """Evict the holders whose lease ran out and whose saga says they no longer run;
-        renew the others' leases. Who got the slots freed."""
-        while True:
-            current, revision = await self.read(name)
-            if current is None:
-                return []
-            now = self.now()
-            expired = {k: h for k, h in current.holders.items() if h.until <= now}
-            if not expired:
-                return []
+    async def audit(self, name: str, judge: Judge) -> tuple[list[Waiter], list[str]]:
+        """Look at the holders whose lease ran out: evict those whose saga says they
+        ended, renew the others. Who got the slots freed, and the holders granted but
+        never sent on (to send on again). Each holder is judged once; a holder that
+        changed meanwhile is left to the next audit."""
+        current, revision = await self.read(name)
+        if current is None:
+            return [], []
+        now = self.now()
+        expired = {k: h for k, h in current.holders.items() if h.until <= now}
+        if not expired:
+            return [], []
+        verdicts = {id: await judge(id) for id in expired}
+        for _ in range(_AUDIT_TRIES):
             holders = dict(current.holders)
-            for id, holder in expired.items():
-                if await alive(id, holder):
-                    holders[id] = msgspec.structs.replace(
-                        holder, until=utc_shift(now, self.lease_s)
-                    )
-                else:
+            stalled: list[str] = []
+            for id, seen in expired.items():
+                if holders.get(id) != seen:
+                    continue  # renewed, or gone, meanwhile
+                if verdicts[id] == "dead":
                     del holders[id]
+                    continue
+                holders[id] = Holder(since=seen.since, until=utc_shift(now, self.lease_s))
+                if verdicts[id] == "stalled":
+                    stalled.append(id)
             waiting = list(current.waiting)
             granted = _grant(holders, waiting, current.limit, now, self.lease_s)
             after = Semaphore(limit=current.limit, holders=holders, waiting=waiting)
             if await self._write(name, after, revision):
-                return granted
+                return granted, stalled
+            current, revision = await self.read(name)
+            if current is None:
+                return [], []
+        return [], []  # too busy to settle now: the next sweep looks again
 
     async def read(self, name: str) -> tuple[Semaphore | None, int]:
         """The semaphore and its revision (None, 0: never used)."""

@@ -265,6 +265,7 @@ def test_a_sub_workflow_starts_its_child_and_the_child_reports_back():
             input={"n": 2},
             tenant="",
             parent=ParentLink(workflow_id="w1", ref="child", attempt=1),
+            priority=0,  # the parent's: a child waits for a slot as its parent would
         ),
     )
     kid = compile_definition(

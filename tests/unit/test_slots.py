@@ -19,13 +19,13 @@ from kapellmeister.messages import (
     TaskCompleted,
     TerminateRequested,
 )
-from kapellmeister.slots import Semaphore, Waiter, give_back, take
+from kapellmeister.slots import MAX_WAITING, Holder, Semaphore, Waiter, give_back, holder_of, take
 
 NOW = "2026-11-23T10:00:00.000Z"
 
 
 def waiter(id: str, priority: int = 0) -> Waiter:
-    return Waiter(id=id, workflow_id=id, priority=priority, since=NOW)
+    return Waiter(id=id, priority=priority, since=NOW)
 
 
 def fill(limit: int, *ids: str, priorities: dict[str, int] | None = None) -> Semaphore:
@@ -46,12 +46,41 @@ def test_slots_go_to_the_first_comers_then_the_rest_wait_in_order():
     assert semaphore.holders["a"].until == "2026-11-23T10:01:00.000Z"
 
 
-def test_asking_again_changes_nothing():
+def test_a_waiter_asking_again_changes_nothing_and_a_holder_renews_its_lease():
     semaphore = fill(1, "a", "b")
-    again, holds, granted = take(semaphore, waiter("a"), 1, NOW, 60)
-    assert (again, holds, granted) == (semaphore, True, [])
-    again, holds, granted = take(semaphore, waiter("b"), 1, NOW, 60)
-    assert (again, holds, granted) == (semaphore, False, [])
+    again, taken, granted = take(semaphore, waiter("b"), 1, NOW, 60)
+    assert (again, taken, granted) == (semaphore, "waits", [])
+    later = "2026-11-23T10:00:30.000Z"
+    again, taken, granted = take(semaphore, waiter("a"), 1, later, 60)
+    assert (taken, granted) == ("holds", [])
+    assert again.holders["a"] == Holder(since=NOW, until="2026-11-23T10:01:30.000Z")
+    assert again.waiting == semaphore.waiting
+
+
+def test_a_full_queue_takes_no_one_more():
+    queue = [waiter(f"w{n}") for n in range(MAX_WAITING)]
+    semaphore = Semaphore(limit=1, holders=fill(1, "a").holders, waiting=queue)
+    assert len(semaphore.waiting) == MAX_WAITING
+    again, taken, granted = take(semaphore, waiter("late"), 1, NOW, 60)
+    assert (again, taken, granted) == (semaphore, "full", [])
+    # Once one leaves, there is room again, at the back.
+    after, _ = give_back(semaphore, "w5", NOW, 60)
+    after, taken, _ = take(after, waiter("late"), 1, NOW, 60)
+    assert taken == "waits" and after.waiting[-1].id == "late"
+
+
+def test_a_semaphore_is_stored_compactly():
+    semaphore = fill(1, "a", "b")
+    text = msgspec.json.encode(semaphore)
+    assert text == (
+        b'{"limit":1,"holders":{"a":["2026-11-23T10:00:00.000Z","2026-11-23T10:01:00.000Z"]},'
+        b'"waiting":[["b",0,"2026-11-23T10:00:00.000Z"]]}'
+    )
+
+
+def test_an_id_names_a_workflow_or_a_task_attempt():
+    assert holder_of("w-1") == ("w-1", "", 0)
+    assert holder_of(task_msg_id("w-1", "report[3]", 2)) == ("w-1", "report[3]", 2)
 
 
 def test_higher_priorities_wait_ahead_and_equal_ones_keep_their_order():
@@ -76,8 +105,8 @@ def test_a_waiter_leaving_frees_nothing_and_an_unknown_id_changes_nothing():
 
 def test_a_raised_limit_grants_the_waiters_it_makes_room_for():
     semaphore = fill(1, "a", "b", "c")
-    after, holds, granted = take(semaphore, waiter("d"), 3, NOW, 60)
-    assert not holds
+    after, taken, granted = take(semaphore, waiter("d"), 3, NOW, 60)
+    assert taken == "waits"
     assert [w.id for w in granted] == ["b", "c"]
     assert after.limit == 3 and [w.id for w in after.waiting] == ["d"]
 
@@ -85,8 +114,8 @@ def test_a_raised_limit_grants_the_waiters_it_makes_room_for():
 def test_a_newcomer_does_not_jump_the_queue_when_a_slot_is_free():
     # A release that a crash lost its grant for: the slot goes to who waited first.
     stuck = Semaphore(limit=1, waiting=[waiter("first")])
-    after, holds, granted = take(stuck, waiter("late"), 1, NOW, 60)
-    assert not holds and [w.id for w in granted] == ["first"]
+    after, taken, granted = take(stuck, waiter("late"), 1, NOW, 60)
+    assert taken == "waits" and [w.id for w in granted] == ["first"]
     assert [w.id for w in after.waiting] == ["late"]
 
 
@@ -229,3 +258,33 @@ def test_a_queued_saga_reads_back_as_it_was_written():
     text = msgspec.json.encode(state)
     assert b'"status":"QUEUED"' in text and b'"slot":"wf.jobs"' in text
     assert msgspec.json.decode(text, type=type(state)) == state
+
+
+def test_terminating_a_waiting_rerun_calls_it_off_and_undoes_nothing():
+    limited = definition(
+        concurrency={"limit": 1},
+        task={"compensate": {"ref": "undo", "type": "SIMPLE", "task": "jobs.undo"}},
+    )
+    state = start(limited).state
+    state = decide(limited, state, SlotGranted(workflow_id="w1", at=NOW)).state
+    done = decide(
+        limited,
+        state,
+        TaskCompleted(workflow_id="w1", ref="work", attempt=1, output={"x": 1}, at=NOW),
+    ).state
+    assert done is not None and done.status == "COMPLETED"
+    rerun = RerunRequested(workflow_id="w1", task="work", at="2026-11-23T10:00:05.000Z")
+    queued = decide(limited, done, rerun).state
+    assert queued is not None and queued.status == "QUEUED"
+    stop = TerminateRequested(
+        workflow_id="w1", reason="never mind", compensate=True, at="2026-11-23T10:00:06.000Z"
+    )
+    called_off = decide(limited, queued, stop)
+    state = called_off.state
+    assert state is not None and called_off.refusal is None
+    assert (state.status, state.output, state.requeued) == ("COMPLETED", done.output, None)
+    assert state.tasks == done.tasks and called_off.commands == ()
+    assert released_slots(queued, state) == [("wf.jobs", "w1")]
+    # A grant that comes later starts nothing.
+    late = decide(limited, state, SlotGranted(workflow_id="w1", at=NOW))
+    assert late.state is state and not any(isinstance(c, RunTask) for c in late.commands)
