@@ -33,7 +33,7 @@ import functools
 import logging
 import typing
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 import msgspec
 import nats.errors
@@ -427,7 +427,13 @@ class Agent:
         message went back instead: the agent is stopping (another replica takes it, with
         no delay), or the rates bucket did not answer four times (a delivery is spent)."""
         assert spec.rate is not None and self._limiter is not None
-        data = msgspec.json.decode(request.input) if spec.rate.key is not None else None
+        data = None
+        if spec.rate.key is not None:
+            # The key as the handler will see it: a spilled input is fetched for it (one
+            # that cannot be is counted in the task's own budget, and fails in its run).
+            assert self._payloads is not None
+            with contextlib.suppress(BadRequest, TimeoutError, nats.errors.Error):
+                data = msgspec.json.decode(await self._payloads.resolve(bytes(request.input)))
         key = bucket_key(spec.name, spec.rate, data)
         for attempt in range(4):
             try:
@@ -459,20 +465,25 @@ class Agent:
     ) -> msgspec.Raw:
         """Run the handler (its input's payload references resolved, its big output
         spilled to references); under a lease, renew it every third of the response
-        timeout and stop the handler if a renewal finds the attempt cancelled."""
+        timeout, fetches and stores of payloads included, and stop the handler if a
+        renewal finds the attempt cancelled."""
         payloads = self._payloads
         assert payloads is not None
-        data = await payloads.resolve(bytes(request.input))
         spilled = f"{request.workflow_id}/{request.ref}/{request.attempt}/output"
+
+        async def run() -> bytes:
+            data = await payloads.resolve(bytes(request.input))
+            return await payloads.spill(await spec.call(data), spilled)
+
         if lease is None or not request.response_timeout_s:
             # Raw embeds the handler's encoded result as it is, without a decode.
-            return msgspec.Raw(await payloads.spill(await spec.call(data), spilled))
-        call = asyncio.ensure_future(spec.call(data))
+            return msgspec.Raw(await run())
+        call = asyncio.ensure_future(run())
         period = request.response_timeout_s / 3
         while True:
             done, _ = await asyncio.wait({call}, timeout=period)
             if done:
-                return msgspec.Raw(await payloads.spill(call.result(), spilled))
+                return msgspec.Raw(call.result())
             try:
                 renewed = await lease.renew()
             except (TimeoutError, nats.errors.Error) as exc:
@@ -528,20 +539,50 @@ class Agent:
                 "task.attempt": result.attempt,
             }
 
-        try:
-            with tracing.producer(
-                "results.{workflow_id}.{task}", subject, trace, attributes
-            ) as sent:
-                headers = {**sent, "Nats-Msg-Id": f"{msg_id}:result"}
-                assert self._publisher is not None
-                await self._publisher.publish(subject, _encode(result), headers)
-        except (TimeoutError, nats.errors.Error) as exc:
-            # Not stored, so not acked: the task comes back and its result is published then.
-            log.warning("result of %s not published (%s); will be redelivered", msg_id, exc)
-            with contextlib.suppress(nats.errors.Error):
-                await msg.nak(delay=1.0)
-            return
+        with tracing.producer("results.{workflow_id}.{task}", subject, trace, attributes) as sent:
+            headers = {**sent, "Nats-Msg-Id": f"{msg_id}:result"}
+            if not await self._publish_result(msg, msg_id, subject, _encode(result), headers):
+                # Not stored, so not acked: the task comes back and its result is
+                # published then (the handler runs again: its work is not lost).
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.nak(delay=1.0)
+                return
         await msg.ack()
+
+    async def _publish_result(
+        self, msg: Msg, msg_id: str, subject: str, data: bytes, headers: dict[str, str]
+    ) -> bool:
+        """Publish a result, trying again while the RESULTS stream is away (a leader
+        election, a restart), the task message held meanwhile: a short outage costs
+        neither a delivery nor a second run of the handler. False after
+        `_RESULT_PATIENCE_S`, or at once when the agent stops."""
+        assert self._publisher is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _RESULT_PATIENCE_S
+        pause = 0.25
+        self._working[id(msg)] = msg  # heartbeated while it waits
+        try:
+            while True:
+                try:
+                    await self._publisher.publish(subject, data, headers)
+                    return True
+                except (TimeoutError, nats.errors.Error) as exc:
+                    if loop.time() + pause > deadline or self._stopping.is_set():
+                        log.warning(
+                            "result of %s not published (%s); will be redelivered", msg_id, exc
+                        )
+                        return False
+                    log.info("result of %s not published yet (%s); again", msg_id, exc)
+                if await within(self._stopping.wait(), pause):
+                    return False
+                pause = min(pause * 2, 4.0)
+        finally:
+            self._working.pop(id(msg), None)
+
+
+# How long an agent keeps trying to publish a finished task's result before it gives
+# the task message back (to run again): a RESULTS leader election takes seconds.
+_RESULT_PATIENCE_S: Final = 60.0
 
 
 class _Cancelled(Exception):

@@ -160,16 +160,24 @@ class _Api:
         except KeyNotFoundError:
             raise WorkflowNotFound(f"no workflow with id {workflow_id!r}") from None
         saga = entry.value or b""
-        if not query.inline:
+        if not query.inline or b'"$payload"' not in saga:
             return saga
+        # What the references say they weigh first: a refusal fetches nothing.
+        room = self.conductor.nc.max_payload - _REPLY_MARGIN
+        named = await self.conductor.payloads.sizes(msgspec.json.decode(saga))
+        if len(saga) + named > room:
+            raise self._too_big(workflow_id, len(saga) + named)
         inlined = await self.conductor.payloads.resolve(saga)
-        if len(inlined) > self.conductor.nc.max_payload - _REPLY_MARGIN:
-            raise BadRequest(
-                f"workflow {workflow_id} with its payloads inlined is {len(inlined)} bytes, "
-                f"more than a NATS message may carry ({self.conductor.nc.max_payload}): get "
-                "it without inline and fetch each with `nats object get payloads <name>`"
-            )
+        if len(inlined) > room:
+            raise self._too_big(workflow_id, len(inlined))
         return inlined
+
+    def _too_big(self, workflow_id: str, size: int) -> BadRequest:
+        return BadRequest(
+            f"workflow {workflow_id} with its payloads inlined is about {size} bytes, more "
+            f"than a NATS message may carry ({self.conductor.nc.max_payload}): get it "
+            "without inline and fetch each with `nats object get payloads <name>`"
+        )
 
     async def list(self, request: Request) -> bytes:
         query = _decode_list(request.data or b"{}")

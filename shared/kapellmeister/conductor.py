@@ -1089,19 +1089,29 @@ class Conductor:
             return
         self.index.note(indexed, None)
         self.store.forget(workflow_id)
-        await self._delete_payloads(entry.value or b"{}")
+        await self._delete_payloads(workflow_id, entry.value or b"{}")
         metrics().expired.add(1, {"workflow.name": head.workflow})
         log.info("%s expired: finished, past its retention", workflow_id)
 
-    async def _delete_payloads(self, saga: bytes) -> None:
-        """Delete the payload objects an expired saga referred to (best effort: an
-        object left behind is only space)."""
+    async def _delete_payloads(self, workflow_id: str, saga: bytes) -> None:
+        """Delete the payload objects an expired saga refers to and its workflow wrote
+        (best effort: what is left, `collect_payloads` finds)."""
         if b'"$payload"' not in saga:
             return
         try:
-            await self.payloads.delete(msgspec.json.decode(saga))
+            await self.payloads.delete_owned(workflow_id, msgspec.json.decode(saga))
         except (TimeoutError, nats.errors.Error) as exc:
-            log.warning("payloads of an expired workflow not deleted: %r", exc)
+            log.warning("payloads of %s not deleted: %r", workflow_id, exc)
+
+    async def collect_payloads(self) -> int:
+        """Delete the payload objects of workflows that no longer exist, written more
+        than a sweep's grace ago; how many."""
+        now = await self.clock.sync()
+        before = utc_shift(now, -max(self.settings.sweep_grace_s, 1.0))
+        return await self.payloads.collect(self._exists, before)
+
+    async def _exists(self, workflow_id: str) -> bool:
+        return (await self.store.load(workflow_id, fresh=True)).state is not None
 
     async def _count_deadletters(self) -> None:
         gauges = metrics()
@@ -1117,7 +1127,7 @@ class Conductor:
         rebuild the index from the sagas (what a crashed process left unwritten, or a
         bucket from before the index), so a sweep after a restart sees every workflow."""
         loop = asyncio.get_running_loop()
-        reconciled = -math.inf
+        reconciled = collected = -math.inf
         while True:
             if loop.time() - reconciled >= self.settings.index_reconcile_s:
                 try:
@@ -1131,6 +1141,13 @@ class Conductor:
                     log.info("sweeper re-drove %d workflows", swept)
             except (TimeoutError, nats.errors.Error) as exc:
                 log.warning("sweep failed: %s", exc)
+            if loop.time() - collected >= self.settings.payload_collect_s:
+                try:
+                    if removed := await self.collect_payloads():
+                        log.info("removed %d payload objects of workflows gone", removed)
+                    collected = loop.time()
+                except (TimeoutError, nats.errors.Error) as exc:
+                    log.warning("payloads not collected: %r", exc)
             self.swept.set()
             await asyncio.sleep(self.settings.sweep_interval_s)
 

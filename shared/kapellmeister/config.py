@@ -49,7 +49,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     sweep_grace_s: float = 5.0
     # A task input or output whose JSON is longer than this (bytes) has its biggest
     # values stored in the `payloads` Object Store bucket, by reference (claim check).
-    payload_threshold: Annotated[int, msgspec.Meta(ge=1024)] = 65_536
+    payload_threshold: Annotated[int, msgspec.Meta(ge=1024, le=524_288)] = 65_536
+    # How often the conductor removes the payload objects of workflows that are gone.
+    payload_collect_s: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
     # How long a concurrency slot's holder is trusted before the sweeper checks its saga
     # (`kapellmeister.slots`): the longest a slot stays taken after a crash lost its release.
     slot_lease_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0

@@ -14,16 +14,24 @@ A reference is a small JSON object::
   (``${make.output.blob}``).
 - **Resolving** (`Payloads.resolve`): an agent replaces every reference in a task's
   input by the value it names before the handler sees it; handlers never see one.
-- Object names derive from the attempt (``<workflow_id>/<ref>/<attempt>/output/<field>``),
-  so a redelivered attempt writes the same objects again, not new ones.
-- The saga keeps the references; ``conductor.get`` can inline them, and the sweeper
-  deletes a workflow's objects with its saga when its retention ends.
+- Object names derive from the attempt and the content
+  (``<workflow_id>/<ref>/<attempt>/output/<field>/<sha256 prefix>``), and an object is
+  never overwritten (a reader of it would wait for ever on chunks purged under it): the
+  same content is the same object, other content (a redelivered attempt whose handler
+  gave another output) another one, so a reference keeps naming what it named.
+- The saga keeps the references; ``conductor.get`` can inline them. A workflow's own
+  objects go when its retention ends (`Payloads.delete_owned`), and those of workflows
+  that no longer exist are collected hourly (`Payloads.collect`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 import hashlib
-from collections.abc import Iterator
+import io
+import re
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Final, cast
 
 import msgspec
@@ -34,6 +42,7 @@ from nats.js.object_store import ObjectStore
 
 from kapellmeister.errors import BadRequest
 from kapellmeister.expressions import Json
+from kapellmeister.messages import WORKFLOW_ID_PATTERN
 
 __all__ = [
     "MARKER",
@@ -48,6 +57,13 @@ PAYLOADS: Final = "payloads"
 MARKER: Final = "$payload"
 # A value's encoding spilled at most this far below the threshold is not worth an object.
 _SMALLEST: Final = 1024
+# A reference's JSON, about (a name of a few tokens, its size, its sha256).
+_REFERENCE_BYTES: Final = 200
+# References inside referenced values are resolved this deep at most.
+_DEEPEST: Final = 8
+# A fetch may take this long, and a second more per this many bytes.
+_FETCH_S: Final = 30.0
+_FETCH_RATE: Final = 1_000_000
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
@@ -97,36 +113,35 @@ class Payloads:
             return encoded
         value: Json = _decode(encoded)
         if isinstance(value, dict) and not is_reference(value):
-            sizes = {key: len(_encode(item)) for key, item in value.items()}
-            kept = dict(value)
-            total = len(encoded)
-            for key in sorted(sizes, key=lambda k: -sizes[k]):
-                if total <= self.threshold or sizes[key] < _SMALLEST:
-                    break
-                reference = await self._put(f"{name}/{key}", _encode(value[key]))
-                kept[key] = reference
-                total -= sizes[key] - len(_encode(reference))
-            if total <= self.threshold:
+            fields = _fields_to_spill(value, len(encoded), self.threshold)
+            if fields:
+                kept = dict(value)
+                for key in fields:
+                    kept[key] = await self._put(f"{name}/{key}", _encode(value[key]))
                 return _encode(kept)
         return _encode(await self._put(name, encoded))
 
     async def resolve(self, encoded: bytes) -> bytes:
-        """``encoded`` (JSON) with every reference replaced by the value it names."""
+        """``encoded`` (JSON) with every reference replaced by the value it names (and
+        any reference inside that, in turn)."""
         if not _contains_marker(encoded):
             return encoded
         value: Json = _decode(encoded)
         if not any(True for _ in references(value)):
             return encoded
-        return _encode(await self._resolved(value))
+        return _encode(await self._resolved(value, 0))
 
-    async def _resolved(self, value: Json) -> Json:
+    async def _resolved(self, value: Json, depth: int) -> Json:
         if is_reference(value):
             assert isinstance(value, dict)
-            return cast(Json, _decode(await self.fetch(value)))
+            if depth >= _DEEPEST:
+                raise BadRequest(f"payload references nest deeper than {_DEEPEST}")
+            found = cast(Json, _decode(await self.fetch(value)))
+            return await self._resolved(found, depth + 1)
         if isinstance(value, dict):
-            return {key: await self._resolved(item) for key, item in value.items()}
+            return {key: await self._resolved(item, depth) for key, item in value.items()}
         if isinstance(value, list):
-            return [await self._resolved(item) for item in value]
+            return [await self._resolved(item, depth) for item in value]
         return value
 
     async def fetch(self, reference: dict[str, Json]) -> bytes:
@@ -135,30 +150,129 @@ class Payloads:
         Raises:
             BadRequest: no such object (removed, or never stored), or it is not what the
                 reference says.
+            TimeoutError: the bucket did not deliver it in time (a retry may).
         """
         name = str(reference[MARKER])
+        size = reference.get("bytes")
+        seconds = _FETCH_S + (size / _FETCH_RATE if isinstance(size, int) else _FETCH_S)
+        buffer = io.BytesIO()
         try:
-            data = (await (await self.store()).get(name)).data or b""
+            async with asyncio.timeout(seconds):
+                await (await self.store()).get(name, writeinto=buffer)
         except NotFoundError:
             raise BadRequest(f"payload {name!r} is not in the {PAYLOADS} bucket") from None
+        data = buffer.getvalue()
         if hashlib.sha256(data).hexdigest() != reference.get("sha256", ""):
             raise BadRequest(f"payload {name!r} is not the value its reference names")
         return data
 
-    async def delete(self, value: Json) -> int:
-        """Delete the objects of every reference in ``value``; how many there were."""
+    async def sizes(self, value: Json) -> int:
+        """How many bytes the references in ``value`` name, as they say (or as stored)."""
+        total = 0
+        for reference in references(value):
+            size = reference.get("bytes")
+            if not isinstance(size, int):
+                try:
+                    size = (await (await self.store()).get_info(str(reference[MARKER]))).size
+                except NotFoundError:
+                    size = 0
+            total += size or 0
+        return total
+
+    async def delete_owned(self, workflow_id: str, value: Json) -> int:
+        """Delete the objects ``value`` refers to that workflow ``workflow_id`` wrote
+        (named under ``<workflow_id>/``: not a client's upload, not another's)."""
         count = 0
         for reference in references(value):
-            try:
-                await (await self.store()).delete(str(reference[MARKER]))
+            name = str(reference[MARKER])
+            if _owner(name) == workflow_id and await self._delete(name):
                 count += 1
-            except (NotFoundError, BadRequestError):
-                continue  # gone already
         return count
 
+    async def collect(self, exists: Callable[[str], Awaitable[bool]], before: str) -> int:
+        """Delete the objects written before ``before`` by workflows that no longer exist
+        (a finished one past its retention, its reruns' and retried attempts' objects
+        included). Objects not named by kapellmeister are left alone."""
+        cutoff = _moment(before)
+        assert cutoff is not None, before
+        store = await self.store()
+        try:
+            infos = await store.list(ignore_deletes=True)
+        except NotFoundError:
+            return 0  # an empty bucket
+        owned: dict[str, list[str]] = {}
+        for info in infos:
+            owner = _owner(info.name or "")
+            written = _moment(info.mtime or "")
+            if owner is not None and written is not None and written < cutoff:
+                owned.setdefault(owner, []).append(info.name or "")
+        count = 0
+        for owner, names in owned.items():
+            if await exists(owner):
+                continue
+            for name in names:
+                count += await self._delete(name)
+        return count
+
+    async def _delete(self, name: str) -> bool:
+        try:
+            await (await self.store()).delete(name)
+        except (NotFoundError, BadRequestError):
+            return False  # gone already
+        return True
+
     async def _put(self, name: str, data: bytes) -> dict[str, Json]:
-        await (await self.store()).put(name, data)
-        return {MARKER: name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        """Store ``data`` under ``name`` and its digest, unless it is stored already: an
+        object is never overwritten (a reader of it would wait for ever on its chunks),
+        and a redelivered attempt with another output writes another object."""
+        digest = hashlib.sha256(data).hexdigest()
+        named = f"{name}/{digest[:16]}"
+        store = await self.store()
+        try:
+            await store.get_info(named)
+        except NotFoundError:
+            await store.put(named, data)
+        return {MARKER: named, "bytes": len(data), "sha256": digest}
+
+
+def _fields_to_spill(value: dict[str, Json], size: int, threshold: int) -> list[str]:
+    """The fields to store, biggest first, so that the rest fits; none if it cannot."""
+    sizes = {key: len(_encode(item)) for key, item in value.items()}
+    chosen: list[str] = []
+    for key in sorted(sizes, key=lambda k: -sizes[k]):
+        if size <= threshold or sizes[key] < _SMALLEST:
+            break
+        chosen.append(key)
+        size -= sizes[key] - _REFERENCE_BYTES
+    return chosen if size <= threshold else []
+
+
+def _moment(text: str) -> datetime.datetime | None:
+    """An RFC 3339 time, whatever its fraction of a second (nats-py writes micro-,
+    the server nanoseconds)."""
+    match = _RFC3339.fullmatch(text)
+    if match is None:
+        return None
+    zone = match["zone"] or "Z"
+    fraction = (match["fraction"] or ".0")[:7]
+    return datetime.datetime.fromisoformat(
+        match["seconds"] + fraction + ("+00:00" if zone == "Z" else zone)
+    )
+
+
+_RFC3339: Final = re.compile(
+    r"(?P<seconds>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?P<fraction>\.\d+)?"
+    r"(?P<zone>Z|[+-]\d\d:\d\d)?"
+)
+
+
+def _owner(name: str) -> str | None:
+    """The workflow that wrote an object (``<workflow_id>/<ref>/<attempt>/input|output…``),
+    or None for a name kapellmeister does not give."""
+    parts = name.split("/")
+    if len(parts) < 5 or not parts[2].isdigit() or parts[3] not in {"input", "output"}:
+        return None
+    return parts[0] if WORKFLOW_ID_PATTERN.fullmatch(parts[0]) else None
 
 
 async def ensure_payloads(js: JetStreamContext, replicas: int = 1) -> ObjectStore:

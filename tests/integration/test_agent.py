@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 
 import msgspec
 import pytest
@@ -182,3 +183,35 @@ async def test_long_work_is_kept_alive_by_in_progress_acks(nc, js, settings):
         await agent.stop()
     assert result["status"] == "COMPLETED"
     assert slow_calls == [7]
+
+
+counted: list[int] = []
+
+
+async def counted_echo(req: Echo) -> Echo:
+    counted.append(req.n)
+    return req
+
+
+async def test_a_result_waits_out_a_results_outage_without_running_again(nc, js, settings):
+    """The RESULTS stream away for longer than max_deliver one-second naks (a leader
+    election in a cluster): the agent keeps the task and publishes when it is back."""
+    counted.clear()
+    agent = Agent("patient", [task("patient.echo", counted_echo)], settings)
+    await agent.start(nc)
+    config = (await js.stream_info(RESULTS)).config
+    try:
+        # No stream takes results.> for a while: publishes get no responders.
+        await js.update_stream(dataclasses.replace(config, subjects=["timers.>"]))
+        await _publish_task(js, "patient.echo", "out1", b'{"n":7}')
+        await asyncio.sleep(settings.max_deliver + 2.0)  # past every delivery's nak delay
+        assert counted == [7]
+        await js.update_stream(config)
+        [result] = await _results(js, "out1")
+    finally:
+        await js.update_stream(config)
+        await agent.stop()
+    assert result["status"] == "COMPLETED" and result["output"] == {"n": 7}
+    assert counted == [7]  # the handler ran once
+    info = await js.consumer_info("TASKS", "tasks_patient_echo")
+    assert info.num_redelivered == 0

@@ -138,10 +138,11 @@ async def test_a_5_mb_payload_goes_through_a_workflow_by_reference(nc, js, stack
     # Small fields stay inline, where expressions reach them; the big one is a reference.
     assert state["output"]["count"] == size
     reference = state["output"]["blob"]
+    digest = hashlib.sha256(msgspec.json.encode(expected)).hexdigest()
     assert reference == {
-        MARKER: "big-1/make/1/output/blob",
+        MARKER: f"big-1/make/1/output/blob/{digest[:16]}",
         "bytes": size + 2,
-        "sha256": hashlib.sha256(msgspec.json.encode(expected)).hexdigest(),
+        "sha256": digest,
     }
     make_record = next(t for t in state["tasks"] if t["ref"] == "make")
     assert make_record["output"]["tag"] == "small"
@@ -149,7 +150,7 @@ async def test_a_5_mb_payload_goes_through_a_workflow_by_reference(nc, js, stack
     # The saga stays small: a reference, not 5 MB (twice).
     kv = await js.key_value("workflows")
     assert len((await kv.get("big-1")).value) < 8 * 1024
-    assert "big-1/make/1/output/blob" in await object_names(js)
+    assert reference[MARKER] in await object_names(js)
     # Too big to inline in one NATS message: a clear refusal, with what to do instead.
     error = assert_error(
         await call(nc, "conductor.get.big-1", {"inline": True}), 400, "bad_request"
@@ -172,7 +173,7 @@ async def test_a_payload_over_the_threshold_inlines_on_request(nc, js, stack):
 async def test_a_small_payload_stays_inline(nc, js, stack):
     state = await run(nc, js, "small-1", 1000)
     assert state["output"]["blob"] == blob_of(1000)
-    assert "small-1/make/1/output/blob" not in await object_names(js)
+    assert not any(n.startswith("small-1/") for n in await object_names(js))
 
 
 async def test_a_reference_to_nothing_fails_the_task_clearly(nc, js, stack):
@@ -214,14 +215,14 @@ async def test_an_expired_workflow_takes_its_payloads_with_it(nc, js, stack):
     assert "Nats-Service-Error" not in (reply.headers or {}), reply.data
     await call(nc, "conductor.start.brief_flow", {"size": 300 * 1024}, {"Workflow-Id": "gone-1"})
     await wait_finished(js, ["gone-1"])
-    assert "gone-1/make/1/output/blob" in await object_names(js)
+    assert any(n.startswith("gone-1/make/1/output/blob/") for n in await object_names(js))
     for _ in range(100):
         await asyncio.sleep(0.2)
         await stack.sweep()
         if await find_saga(js, "gone-1") is None:
             break
     assert await find_saga(js, "gone-1") is None
-    assert "gone-1/make/1/output/blob" not in await object_names(js)
+    assert not any(n.startswith("gone-1/") for n in await object_names(js))
 
 
 async def test_a_big_task_input_is_sent_by_reference_and_resolved(nc, js, stack):
@@ -231,4 +232,52 @@ async def test_a_big_task_input_is_sent_by_reference_and_resolved(nc, js, stack)
     assert state["status"] == "COMPLETED", state.get("error")
     assert state["output"] == {"length": len(text)}
     assert seen == [len(text)]
-    assert "in-1/measure/1/input/blob" in await object_names(js)
+    assert any(n.startswith("in-1/measure/1/input/blob/") for n in await object_names(js))
+
+
+async def test_an_attempt_stored_again_with_other_content_overwrites_nothing(nc, js, stack):
+    # A redelivered attempt whose handler gives another output: the first result's
+    # reference (the one the saga kept) still names what it named.
+    payloads = stack.payloads
+    first = await payloads.spill(msgspec.json.encode({"blob": blob_of(100_000)}), "re-1/t/1/output")
+    second = await payloads.spill(msgspec.json.encode({"blob": "x" * 100_000}), "re-1/t/1/output")
+    assert first != second
+    assert msgspec.json.decode(await payloads.resolve(first)) == {"blob": blob_of(100_000)}
+    assert msgspec.json.decode(await payloads.resolve(second)) == {"blob": "x" * 100_000}
+    # The same content again is the same object, not a second write.
+    assert (
+        await payloads.spill(msgspec.json.encode({"blob": blob_of(100_000)}), "re-1/t/1/output")
+        == first
+    )
+
+
+async def test_a_reference_inside_a_stored_value_is_resolved_too(nc, js, stack):
+    payloads = stack.payloads
+    inner = await payloads.spill(
+        msgspec.json.encode({"text": blob_of(90_000)}), "nest-1/a/1/output"
+    )
+    outer = b'{"parts": [' + inner + b', "' + blob_of(90_000).encode() + b'"]}'
+    spilled = await payloads.spill(outer, "nest-1/b/1/input")
+    assert msgspec.json.decode(await payloads.resolve(spilled)) == {
+        "parts": [{"text": blob_of(90_000)}, blob_of(90_000)]
+    }
+
+
+async def test_payloads_of_workflows_gone_are_collected_and_uploads_are_not(nc, js, stack):
+    text = blob_of(300 * 1024)
+    await call(nc, "conductor.start.measure_given", {"blob": text}, {"Workflow-Id": "col-1"})
+    await run(nc, js, "col-2", 200 * 1024)
+    await wait_finished(js, ["col-1"])
+    store = await js.object_store(PAYLOADS)
+    await store.put("uploads/keep.json", msgspec.json.encode("mine"))
+    names = await object_names(js)
+    assert any(n.startswith("col-1/measure/1/input/") for n in names)
+    assert any(n.startswith("col-2/make/1/output/") for n in names)
+    kv = await js.key_value("workflows")
+    await kv.purge("col-1")  # as if its retention ended, its own objects left behind
+    await asyncio.sleep(1.1)  # older than the grace
+    assert await stack.collect_payloads() >= 1
+    names = await object_names(js)
+    assert not any(n.startswith("col-1/") for n in names)
+    assert any(n.startswith("col-2/") for n in names)  # its workflow is still there
+    assert "uploads/keep.json" in names
