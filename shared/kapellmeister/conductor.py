@@ -24,11 +24,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import functools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Final, NamedTuple
 
 import msgspec
@@ -37,6 +38,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from nats.micro.service import Service
@@ -69,6 +71,8 @@ from kapellmeister.messages import (
     Command,
     Fact,
     Failure,
+    GatherOutputs,
+    KeptOutput,
     NotifyParent,
     ParentLink,
     PublishEvent,
@@ -105,7 +109,7 @@ from kapellmeister.schedules import (
     from_definition,
 )
 from kapellmeister.slots import SLOTS, Slots
-from kapellmeister.store import CasConflict, SagaStore, Versioned
+from kapellmeister.store import CasConflict, SagaStore, Versioned, read_stream
 from kapellmeister.topology import (
     DEADLETTERS,
     EVENTS,
@@ -118,6 +122,13 @@ from kapellmeister.topology import (
 )
 
 __all__ = ["Conductor"]
+
+# The workflows whose turn the running task holds (`Conductor._turn`).
+_HELD: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "workflow_turns", default=frozenset()
+)
+# Streamed FORK items' outputs until they are gathered.
+FANOUT: Final = "fanout"
 
 log = logging.getLogger("kapellmeister.conductor")
 
@@ -151,7 +162,10 @@ class Conductor:
         self._tenants: KeyValue | None = None
         self._scheduler: Scheduler | None = None
         self._limits: Limits | None = None
+        # One fact at a time per workflow in this replica (`_turn`), and its waiters.
+        self._turns: dict[str, tuple[asyncio.Lock, int]] = {}
         self._payloads: Payloads | None = None
+        self._fanout: KeyValue | None = None
         # What the sweeper re-drove, by workflow: the updated_at it saw, how often, and
         # when next. An unchanged workflow is re-driven again with doubling gaps (a
         # republish that was acknowledged can still be lost to a server crash), not at
@@ -238,6 +252,7 @@ class Conductor:
         await self._index.start()
         self._leases = buckets[LEASES]
         self._tenants = buckets["tenants"]
+        self._fanout = buckets[FANOUT]
         self._limits = Limits(self, Slots(buckets[SLOTS], self._clock.now, settings.slot_lease_s))
         await ensure_payloads(self._js, settings.replicas)  # the owner creates it
         self._payloads = Payloads(self._js, settings.payload_threshold, settings.replicas)
@@ -388,7 +403,21 @@ class Conductor:
         return decision
 
     async def _apply(self, fact: Fact) -> tuple[Decision, bool]:
-        """`apply`, also saying whether this call wrote the saga."""
+        """`apply`, also saying whether this call wrote the saga.
+
+        Facts of one workflow are applied one at a time in this replica (replicas race
+        by CAS, as ever): concurrent ones, such as a wide FORK's results, would otherwise
+        mostly lose their compare-and-set to each other and decide again. The slots the
+        write frees are given back after, outside that turn."""
+        async with self._turn(fact.workflow_id):
+            decision, wrote, before, definition = await self._decide_and_write(fact)
+        if wrote and decision.state is not None and definition is not None:
+            await self.limits.released(before, decision.state, definition)
+        return decision, wrote
+
+    async def _decide_and_write(
+        self, fact: Fact
+    ) -> tuple[Decision, bool, Saga | None, Definition | None]:
         fresh = False
         while True:
             if isinstance(fact, Started) and not fresh:
@@ -402,15 +431,19 @@ class Conductor:
             elif isinstance(fact, Started):
                 definition = await self.definitions.get(fact.workflow, fact.version)
             else:
-                return Decision(None, ()), False  # a result for a workflow that is not stored
+                # A result for a workflow that is not stored.
+                return Decision(None, ()), False, None, None
             decision = decide(definition, state, fact)
             if decision.state is state:
                 if not fresh and not decision.commands:
                     # A no-op on a cached state may only mean the cache is behind.
                     fresh = True
                     continue
-                return decision, False
+                return decision, False, state, definition
             assert decision.state is not None
+            if decision.outputs:
+                # Streamed FORK items' outputs, before the saga that drops their records.
+                await self._keep_outputs(decision.outputs)
             try:
                 await self.store.save(decision.state, loaded.revision)
             except CasConflict:
@@ -420,8 +453,28 @@ class Conductor:
                 continue
             self.index.note(state, decision.state)
             metrics().saga_written(state, decision.state)
-            await self.limits.released(state, decision.state, definition)
-            return decision, True
+            return decision, True, state, definition
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, workflow_id: str) -> AsyncIterator[None]:
+        """This replica's turn at one workflow (a nested call in the same task has it)."""
+        held = _HELD.get()
+        if workflow_id in held:
+            yield
+            return
+        lock, users = self._turns.get(workflow_id, (asyncio.Lock(), 0))
+        self._turns[workflow_id] = (lock, users + 1)
+        token = _HELD.set(held | {workflow_id})
+        try:
+            async with lock:
+                yield
+        finally:
+            _HELD.reset(token)
+            lock, users = self._turns[workflow_id]
+            if users == 1:
+                del self._turns[workflow_id]  # no one else waits: locks do not pile up
+            else:
+                self._turns[workflow_id] = (lock, users - 1)
 
     async def publish(
         self, state: Saga, commands: tuple[Command, ...], trace: Mapping[str, str] | None = None
@@ -435,6 +488,14 @@ class Conductor:
             return
         if trace is None:
             trace = _root(state)
+        if any(isinstance(c, GatherOutputs) for c in commands):
+            # Outputs gathered first: the decision's other commands may pass them on.
+            for command in commands:
+                if isinstance(command, GatherOutputs):
+                    await self._gather(command)
+            commands = tuple(c for c in commands if not isinstance(c, GatherOutputs))
+            if not commands:
+                return
         if len(commands) == 1:  # the usual case: no task to gather one publish
             await self._publish_one(commands[0], trace, state)
             return
@@ -515,6 +576,8 @@ class Conductor:
                 await self._publish_result(result, headers)
             case AcquireSlot():
                 await self.limits.acquire(command)
+            case GatherOutputs():
+                await self._gather(command)
             case TerminateWorkflow():
                 # The child's own saga step: its end terminates its children in turn.
                 await self.request(
@@ -526,6 +589,24 @@ class Conductor:
                     ),
                     trace,
                 )
+
+    async def _keep_outputs(self, outputs: tuple[KeptOutput, ...]) -> None:
+        kv = self._fanout
+        assert kv is not None, "start() first"
+        await asyncio.gather(*(kv.put(o.key, _encode(o.output)) for o in outputs))
+
+    async def _gather(self, command: GatherOutputs) -> None:
+        """A streamed FORK's item outputs, in item order, as one object (idempotent: the
+        outputs are fixed once kept, and the object is written once)."""
+        prefix = f"$KV.{FANOUT}.{command.workflow_id}.{command.ref}.{command.attempt}."
+        outputs: list[msgspec.Raw] = [msgspec.Raw(b"null")] * command.items
+        async for msg in read_stream(
+            self.js, f"KV_{FANOUT}", [prefix + ">"], deliver=DeliverPolicy.LAST_PER_SUBJECT
+        ):
+            index = msg.subject.removeprefix(prefix)
+            if index.isdigit() and int(index) < command.items and msg.data:
+                outputs[int(index)] = msgspec.Raw(msg.data)
+        await self.payloads.put_once(command.name, _encode(outputs))
 
     async def _publish_result(self, result: TaskResult, headers: Mapping[str, str]) -> None:
         """A result the conductor states itself (a child's end, a refusal, a poison task)."""

@@ -52,6 +52,7 @@ from kapellmeister.definitions import (
 )
 from kapellmeister.expressions import Json, switch_key
 from kapellmeister.messages import (
+    PAYLOAD_MARKER,
     TERMINAL,
     AcquireSlot,
     Attempt,
@@ -60,6 +61,9 @@ from kapellmeister.messages import (
     Compensating,
     Fact,
     Failure,
+    Fanout,
+    GatherOutputs,
+    KeptOutput,
     NotifyParent,
     ParentLink,
     PauseRequested,
@@ -97,11 +101,16 @@ __all__ = [
     "decide",
     "fact_id",
     "node_of",
+    "output_key",
     "task_msg_id",
     "terminate_child",
 ]
 
 START: Final = "start"
+# A dynamic FORK over more items than this is streamed even without `max_parallel`,
+# with this many at once.
+STREAM_OVER: Final = 1000
+STREAM_PARALLEL: Final = 250
 # The fact id of a QUEUED workflow's slot grant (see `_slot_granted`).
 SLOT: Final = "slot"
 _WAITING: Final = frozenset({"SCHEDULED", "IN_PROGRESS"})
@@ -118,6 +127,9 @@ class Decision(msgspec.Struct, frozen=True):
     state: Saga | None
     commands: tuple[Command, ...]
     refusal: Refusal | None = None
+    # Outputs of streamed FORK items whose records this decision drops: the runtime
+    # keeps them (`output_key`) before it writes the state.
+    outputs: tuple[KeptOutput, ...] = ()
 
 
 def fact_id(fact: Fact) -> str:
@@ -164,6 +176,16 @@ def task_msg_id(workflow_id: str, ref: str, attempt: int) -> str:
 def child_workflow_id(workflow_id: str, ref: str, attempt: int) -> str:
     """The id of the child a SUB_WORKFLOW task starts: the same on every redelivery."""
     return f"{workflow_id}-{ref.replace('[', '-').replace(']', '')}-{attempt}"
+
+
+def output_key(workflow_id: str, fork: str, attempt: int, index: int) -> str:
+    """The ``fanout`` bucket key of item ``index`` of a streamed FORK attempt."""
+    return f"{workflow_id}.{fork}.{attempt}.{index}"
+
+
+def fork_output_name(workflow_id: str, fork: str, attempt: int) -> str:
+    """The ``payloads`` object a streamed FORK attempt's output (the list) is stored as."""
+    return f"{workflow_id}/{fork}/{attempt}/output/items"
 
 
 def node_of(definition: Definition, ref: str) -> Node | None:
@@ -223,29 +245,49 @@ def commands_caused_by(definition: Definition, state: Saga, cause: str) -> tuple
     """Every command the fact ``cause`` produced, derived from the state it left."""
     commands: list[Command] = []
     for record in state.tasks:
-        # The fact that canceled an attempt terminates its child; so does the one that
-        # started it, whose redelivery may be the first to find the child in existence.
-        ending = record.child_terminated
-        if (
-            ending is not None
-            and cause in {ending.by, record.cause}
-            and (terminate := terminate_child(record)) is not None
-        ):
-            commands.append(terminate)
-        if record.cause != cause:
-            continue
-        node = node_of(definition, record.ref)
-        if node is None:
-            continue
-        command = _command(state, record, node.task)
-        if command is not None:
-            commands.append(command)
-        if record.timeout_at is not None and record.status in _WAITING and record.retry_at is None:
-            commands.append(_timer(state, record.ref, record.attempt, record.timeout_at, "timeout"))
-        if isinstance(command, RunTask) and command.response_timeout_s and record.scheduled_at:
-            # The first look at the attempt's heartbeat lease; the runtime sets the next.
-            fire_at = utc_shift(record.scheduled_at, command.response_timeout_s)
-            commands.append(_timer(state, record.ref, record.attempt, fire_at, "response"))
+        commands.extend(_record_commands(definition, state, record, cause))
+    commands.extend(_workflow_commands(definition, state, cause))
+    return tuple(commands)
+
+
+def _record_commands(
+    definition: Definition, state: Saga, record: TaskRecord, cause: str
+) -> list[Command]:
+    """The commands of one task record that ``cause`` produced."""
+    commands: list[Command] = []
+    fanout = record.fanout
+    if fanout is not None and fanout.completed_by == cause and record.status == "COMPLETED":
+        commands.append(_gather(state, record, fanout))
+    # The fact that canceled an attempt terminates its child; so does the one that
+    # started it, whose redelivery may be the first to find the child in existence.
+    ending = record.child_terminated
+    if (
+        ending is not None
+        and cause in {ending.by, record.cause}
+        and (terminate := terminate_child(record)) is not None
+    ):
+        commands.append(terminate)
+    if record.cause != cause:
+        return commands
+    node = node_of(definition, record.ref)
+    if node is None:
+        return commands
+    command = _command(state, record, node.task)
+    if command is not None:
+        commands.append(command)
+    if record.timeout_at is not None and record.status in _WAITING and record.retry_at is None:
+        commands.append(_timer(state, record.ref, record.attempt, record.timeout_at, "timeout"))
+    if isinstance(command, RunTask) and command.response_timeout_s and record.scheduled_at:
+        # The first look at the attempt's heartbeat lease; the runtime sets the next.
+        fire_at = utc_shift(record.scheduled_at, command.response_timeout_s)
+        commands.append(_timer(state, record.ref, record.attempt, fire_at, "response"))
+    return commands
+
+
+def _workflow_commands(definition: Definition, state: Saga, cause: str) -> list[Command]:
+    """The commands of the workflow itself that ``cause`` produced: its timeout timer,
+    its request for a slot, its failure workflow, its report to its parent."""
+    commands: list[Command] = []
     if cause == START and state.timeout_at is not None:
         commands.append(_timer(state, "workflow", 1, state.timeout_at, "workflow_timeout"))
     concurrency = definition.spec.concurrency
@@ -290,7 +332,18 @@ def commands_caused_by(definition: Definition, state: Saga, cause: str) -> tuple
                 error=state.error,
             )
         )
-    return tuple(commands)
+    return commands
+
+
+def _gather(state: Saga, record: TaskRecord, fanout: Fanout) -> GatherOutputs:
+    return GatherOutputs(
+        msg_id=f"{task_msg_id(state.workflow_id, record.ref, record.attempt)}:gather",
+        workflow_id=state.workflow_id,
+        ref=record.ref,
+        attempt=record.attempt,
+        items=fanout.finished,
+        name=fork_output_name(state.workflow_id, record.ref, record.attempt),
+    )
 
 
 def terminate_child(record: TaskRecord) -> TerminateWorkflow | None:
@@ -391,6 +444,7 @@ class _Draft:
         self.ended_by = state.ended_by
         self.deferred = list(state.deferred)
         self.compensating = state.compensating
+        self.kept: list[KeptOutput] = []
         self._context: dict[str, Json] | None = None
 
     @property
@@ -421,6 +475,12 @@ class _Draft:
         self.tasks[record.ref] = record
         if self._context is not None:
             self._context[record.ref] = _root(record)
+
+    def remove(self, ref: str) -> None:
+        """Drop a record (a streamed FORK's ended item)."""
+        self.tasks.pop(ref, None)
+        if self._context is not None:
+            self._context.pop(ref, None)
 
     def set_variables(self, values: dict[str, Json]) -> None:
         self.variables.update(values)
@@ -532,7 +592,7 @@ def _decided(definition: Definition, draft: _Draft) -> Decision:
         # A waiting task's dispatch is re-driven from its SCHEDULED record; anything else
         # a request caused is marked until it is known to be published.
         new = msgspec.structs.replace(new, unpublished=draft.cause)
-    return Decision(new, commands)
+    return Decision(new, commands, outputs=tuple(draft.kept))
 
 
 def _start(definition: Definition, fact: Started) -> Decision:
@@ -602,6 +662,8 @@ def _requeue(
 def _task_ended(definition: Definition, state: Saga, fact: TaskCompleted | TaskFailed) -> Decision:
     cause = fact_id(fact)
     record = next((t for t in state.tasks if t.ref == fact.ref), None)
+    if record is None and _streamed_item_ended(definition, state, fact.ref):
+        return Decision(state, commands_caused_by(definition, state, cause))  # redelivery
     if record is None or record.attempt != fact.attempt:
         return Decision(state, ())  # a stale attempt or a ref this saga never scheduled
     if fact.task and fact.task != record.name:
@@ -1229,6 +1291,14 @@ def _fork(draft: _Draft, ref: str, task: ForkTask) -> None:
     if not isinstance(items, list):
         _fail(draft, ref, f"FORK {ref!r}: `over` is {type(items).__name__}, not a list")
         return
+    if task.max_parallel is not None or len(items) > STREAM_OVER:
+        parallel = task.max_parallel or STREAM_PARALLEL
+        fanout = Fanout(parallel=parallel, done=_bitmap(len(items)))
+        input: Json = {"items": len(items), "max_parallel": parallel}
+        record = draft.record(ref, task, status="IN_PROGRESS", input=input)
+        draft.put(msgspec.structs.replace(record, fanout=fanout))
+        _stream_items(draft, ref, task, items)
+        return
     draft.record(ref, task, status="IN_PROGRESS", input={"items": len(items)}, branches_done=[])
     if not items:
         _complete_fork(draft, ref)
@@ -1337,6 +1407,9 @@ def _finish_task(draft: _Draft, ref: str) -> None:
 
 def _branch_done(draft: _Draft, fork_ref: str, branch: int) -> None:
     record = draft.tasks[fork_ref]
+    if record.fanout is not None:
+        _item_done(draft, fork_ref, record, record.fanout, branch)
+        return
     done = sorted({*(record.branches_done or []), branch})
     draft.put(msgspec.structs.replace(record, branches_done=done))
     task = draft.definition.nodes[fork_ref].task
@@ -1344,6 +1417,101 @@ def _branch_done(draft: _Draft, fork_ref: str, branch: int) -> None:
     expected = len(task.branches) if task.each is None else _items(record)
     if len(done) >= expected:
         _complete_fork(draft, fork_ref)
+
+
+def _stream_items(
+    draft: _Draft, fork_ref: str, task: ForkTask, items: list[Json] | None = None
+) -> None:
+    """Dispatch a streamed FORK's next items while fewer than its ``parallel`` run; end
+    it when every item has."""
+    record = draft.tasks[fork_ref]
+    fanout = record.fanout
+    assert fanout is not None and task.each is not None
+    if items is None:
+        over = draft.definition.nodes[fork_ref].templates["over"].evaluate(draft.context())
+        items = over if isinstance(over, list) else []
+    count = _items(record)
+    if fanout.finished >= count:
+        output: Json = (
+            {PAYLOAD_MARKER: fork_output_name(draft.state.workflow_id, fork_ref, record.attempt)}
+            if count
+            else []
+        )
+        done = msgspec.structs.replace(fanout, completed_by=draft.cause)
+        draft.put(
+            msgspec.structs.replace(
+                record, status="COMPLETED", output=output, ended_at=draft.at, fanout=done
+            )
+        )
+        _finish_task(draft, fork_ref)
+        return
+    started = fanout.started
+    each = draft.definition.nodes[task.each.ref]
+    while started < count and started - fanout.finished < fanout.parallel:
+        item = items[started] if started < len(items) else None
+        data = each.templates["input"].evaluate(draft.context(item=item, index=started))
+        assert isinstance(each.task, SimpleTask | SubWorkflowTask)
+        _schedule(
+            draft, f"{task.each.ref}[{started}]", each.task, data, {"item": item, "index": started}
+        )
+        started += 1
+    if started != fanout.started:
+        draft.put(
+            msgspec.structs.replace(
+                draft.tasks[fork_ref], fanout=msgspec.structs.replace(fanout, started=started)
+            )
+        )
+
+
+def _item_done(
+    draft: _Draft, fork_ref: str, record: TaskRecord, fanout: Fanout, index: int
+) -> None:
+    """Item ``index`` of a streamed FORK ended: its output is kept outside the saga, its
+    record dropped; the next items go, or the FORK ends."""
+    if _bit(fanout.done, index):
+        return  # counted already
+    task = draft.definition.nodes[fork_ref].task
+    assert isinstance(task, ForkTask) and task.each is not None
+    item_ref = f"{task.each.ref}[{index}]"
+    item = draft.tasks.get(item_ref)
+    key = output_key(draft.state.workflow_id, fork_ref, record.attempt, index)
+    draft.kept.append(KeptOutput(key, item.output if item is not None else None))
+    draft.remove(item_ref)
+    counted = msgspec.structs.replace(
+        fanout, finished=fanout.finished + 1, done=_with_bit(fanout.done, index)
+    )
+    draft.put(msgspec.structs.replace(record, fanout=counted))
+    _stream_items(draft, fork_ref, task)
+
+
+def _streamed_item_ended(definition: Definition, state: Saga, ref: str) -> bool:
+    """Whether ``ref`` is an item of a streamed FORK that has ended (its record gone)."""
+    match = _INSTANCE.match(ref)
+    node = node_of(definition, ref)
+    if match is None or node is None or node.after.kind != "instance":
+        return False
+    fork = next((t for t in state.tasks if t.ref == node.after.ref), None)
+    return (
+        fork is not None and fork.fanout is not None and _bit(fork.fanout.done, int(match["index"]))
+    )
+
+
+def _bitmap(count: int) -> str:
+    """``count`` bits, none set, as hex."""
+    return "00" * ((count + 7) // 8)
+
+
+def _bit(bitmap: str, index: int) -> bool:
+    byte = index // 8
+    if 2 * byte + 2 > len(bitmap):
+        return False
+    return bool(int(bitmap[2 * byte : 2 * byte + 2], 16) & (1 << (index % 8)))
+
+
+def _with_bit(bitmap: str, index: int) -> str:
+    byte = index // 8
+    value = int(bitmap[2 * byte : 2 * byte + 2], 16) | (1 << (index % 8))
+    return f"{bitmap[: 2 * byte]}{value:02x}{bitmap[2 * byte + 2 :]}"
 
 
 def _items(record: TaskRecord) -> int:

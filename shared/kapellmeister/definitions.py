@@ -213,6 +213,10 @@ class ForkTask(_Task, tag="FORK", frozen=True):
     branches: list[list[TaskDef]] = []
     over: str | None = None
     each: TaskDef | None = None
+    # Dynamic only: at most this many items at once, streamed (`kapellmeister.decider`):
+    # each item's record leaves the saga as it ends, and the output is a reference to
+    # the list of outputs. Over `STREAM_OVER` items a FORK is streamed anyway.
+    max_parallel: Annotated[int, msgspec.Meta(ge=1, le=10_000)] | None = None
 
 
 class GraphTask(_Task, tag="GRAPH", frozen=True):
@@ -595,6 +599,10 @@ def _check_shape(task: TaskDef, path: str, previous: TaskDef | None) -> None:
             if bool(branches) == (over is not None or each is not None):
                 raise InvalidDefinition(
                     f"a FORK has either `branches` or `over` with `each` - at `{path}`"
+                )
+            if task.max_parallel is not None and over is None:
+                raise InvalidDefinition(
+                    f"max_parallel belongs to a dynamic FORK (`over`/`each`) - at `{path}`"
                 )
             if (over is None) != (each is None):
                 raise InvalidDefinition(

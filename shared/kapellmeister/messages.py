@@ -24,6 +24,9 @@ from kapellmeister.expressions import Json
 
 __all__ = [
     "AcquireSlot",
+    "Fanout",
+    "GatherOutputs",
+    "KeptOutput",
     "SlotGranted",
     "Requeued",
     "RerunRequested",
@@ -61,6 +64,7 @@ __all__ = [
     "TaskResult",
     "TaskStatus",
     "NAME_PATTERN",
+    "PAYLOAD_MARKER",
     "WORKFLOW_ID_PATTERN",
     "WorkflowStatus",
     "WorkflowSummary",
@@ -73,6 +77,8 @@ __all__ = [
 # A workflow id: it is a KV key and a subject token (results.<workflow_id>), so no dots.
 # Use fullmatch: with match, `$` would let a trailing newline through.
 WORKFLOW_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_=-]{1,128}")
+# The key that makes a JSON object a claim-check reference (`kapellmeister.payloads`).
+PAYLOAD_MARKER: Final = "$payload"
 # A definition's name: a subject token (conductor.start.<name>) and a KV key part.
 NAME_PATTERN: Final = r"^[A-Za-z0-9_-]{1,64}$"
 
@@ -168,6 +174,30 @@ class ChildTermination(msgspec.Struct, frozen=True, kw_only=True):
     compensate: bool = False
 
 
+class Fanout(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A streamed dynamic FORK's progress: its items' records leave the saga as they
+    end (their outputs are kept in the ``fanout`` bucket), so the saga stays bounded
+    however many items there are."""
+
+    # At most this many items run at once.
+    parallel: int
+    # Items dispatched so far: the next one's index.
+    started: int = 0
+    # Items ended, and which: bit i of the hex bitmap for item i.
+    finished: int = 0
+    done: str = ""
+    # The fact that ended the last item: its commands gather the outputs.
+    completed_by: str = ""
+
+
+class KeptOutput(msgspec.Struct, frozen=True):
+    """An ended item's output, kept in the ``fanout`` bucket under ``key`` before the
+    saga that drops its record is written."""
+
+    key: str
+    output: Json
+
+
 class TaskRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One task of a workflow as it ran: readable in ``nats kv get workflows <id>``.
 
@@ -213,6 +243,8 @@ class TaskRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     # The semaphore (`slots` bucket key) of a task with a `concurrency` limit: each
     # attempt is dispatched only once it holds a slot of it.
     slot: str = ""
+    # A streamed dynamic FORK's progress.
+    fanout: Fanout | None = None
 
 
 class ParentLink(msgspec.Struct, frozen=True, kw_only=True):
@@ -453,6 +485,19 @@ class RunTask(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     priority: int = 0
 
 
+class GatherOutputs(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Gather a streamed FORK's item outputs (kept in the ``fanout`` bucket) into the
+    list its output names: object ``name`` of the ``payloads`` bucket. Carried out before
+    the other commands of its decision, which may pass that output on."""
+
+    msg_id: str
+    workflow_id: str
+    ref: str
+    attempt: int
+    items: int
+    name: str
+
+
 class AcquireSlot(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """Take a slot of semaphore ``slot`` for a QUEUED workflow, or wait in its queue; the
     grant is applied as the workflow's `SlotGranted`."""
@@ -539,6 +584,7 @@ Command = (
     | NotifyParent
     | TerminateWorkflow
     | AcquireSlot
+    | GatherOutputs
 )
 
 

@@ -42,7 +42,7 @@ from nats.js.object_store import ObjectStore
 
 from kapellmeister.errors import BadRequest
 from kapellmeister.expressions import Json
-from kapellmeister.messages import WORKFLOW_ID_PATTERN
+from kapellmeister.messages import PAYLOAD_MARKER, WORKFLOW_ID_PATTERN
 
 __all__ = [
     "MARKER",
@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 PAYLOADS: Final = "payloads"
-MARKER: Final = "$payload"
+MARKER: Final = PAYLOAD_MARKER
 # A value's encoding spilled at most this far below the threshold is not worth an object.
 _SMALLEST: Final = 1024
 # A reference's JSON, about (a name of a few tokens, its size, its sha256).
@@ -162,7 +162,8 @@ class Payloads:
         except NotFoundError:
             raise BadRequest(f"payload {name!r} is not in the {PAYLOADS} bucket") from None
         data = buffer.getvalue()
-        if hashlib.sha256(data).hexdigest() != reference.get("sha256", ""):
+        digest = reference.get("sha256")
+        if digest is not None and hashlib.sha256(data).hexdigest() != digest:
             raise BadRequest(f"payload {name!r} is not the value its reference names")
         return data
 
@@ -220,6 +221,15 @@ class Payloads:
         except (NotFoundError, BadRequestError):
             return False  # gone already
         return True
+
+    async def put_once(self, name: str, data: bytes) -> None:
+        """Store ``data`` as object ``name`` unless it exists (a name whose content is
+        fixed once decided, such as a streamed FORK's gathered outputs)."""
+        store = await self.store()
+        try:
+            await store.get_info(name)
+        except NotFoundError:
+            await store.put(name, data)
 
     async def _put(self, name: str, data: bytes) -> dict[str, Json]:
         """Store ``data`` under ``name`` and its digest, unless it is stored already: an
