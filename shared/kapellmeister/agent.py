@@ -433,7 +433,8 @@ class Agent:
             # that cannot be is counted in the task's own budget, and fails in its run).
             assert self._payloads is not None
             with contextlib.suppress(BadRequest, TimeoutError, nats.errors.Error):
-                data = msgspec.json.decode(await self._payloads.resolve(bytes(request.input)))
+                resolved = await self._payloads.resolve(bytes(request.input), request.workflow_id)
+                data = msgspec.json.decode(resolved)
         key = bucket_key(spec.name, spec.rate, data)
         for attempt in range(4):
             try:
@@ -472,7 +473,7 @@ class Agent:
         spilled = f"{request.workflow_id}/{request.ref}/{request.attempt}/output"
 
         async def run() -> bytes:
-            data = await payloads.resolve(bytes(request.input))
+            data = await payloads.resolve(bytes(request.input), request.workflow_id)
             return await payloads.spill(await spec.call(data), spilled)
 
         if lease is None or not request.response_timeout_s:

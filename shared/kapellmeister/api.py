@@ -167,7 +167,7 @@ class _Api:
         named = await self.conductor.payloads.sizes(msgspec.json.decode(saga))
         if len(saga) + named > room:
             raise self._too_big(workflow_id, len(saga) + named)
-        inlined = await self.conductor.payloads.resolve(saga)
+        inlined = await self.conductor.payloads.resolve(saga, workflow_id)
         if len(inlined) > room:
             raise self._too_big(workflow_id, len(inlined))
         return inlined

@@ -123,6 +123,11 @@ from kapellmeister.topology import (
 
 __all__ = ["Conductor"]
 
+
+class GatherIncomplete(nats.errors.Error):
+    """A streamed FORK's kept outputs are not all there: its last fact is tried again."""
+
+
 # The workflows whose turn the running task holds (`Conductor._turn`).
 _HELD: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
     "workflow_turns", default=frozenset()
@@ -596,17 +601,31 @@ class Conductor:
         await asyncio.gather(*(kv.put(o.key, _encode(o.output)) for o in outputs))
 
     async def _gather(self, command: GatherOutputs) -> None:
-        """A streamed FORK's item outputs, in item order, as one object (idempotent: the
-        outputs are fixed once kept, and the object is written once)."""
+        """A streamed FORK's item outputs, in item order, as one object, then the kept
+        outputs go (idempotent: a gather again finds the object and stops there).
+
+        Raises:
+            GatherIncomplete: an item's output is not in the ``fanout`` bucket (the fact
+                is tried again; nothing goes on with a hole in the list).
+        """
+        if await self.payloads.exists(command.name):
+            return
         prefix = f"$KV.{FANOUT}.{command.workflow_id}.{command.ref}.{command.attempt}."
-        outputs: list[msgspec.Raw] = [msgspec.Raw(b"null")] * command.items
+        outputs: list[msgspec.Raw | None] = [None] * command.items
         async for msg in read_stream(
             self.js, f"KV_{FANOUT}", [prefix + ">"], deliver=DeliverPolicy.LAST_PER_SUBJECT
         ):
             index = msg.subject.removeprefix(prefix)
             if index.isdigit() and int(index) < command.items and msg.data:
                 outputs[int(index)] = msgspec.Raw(msg.data)
+        missing = [i for i, output in enumerate(outputs) if output is None]
+        if missing:
+            raise GatherIncomplete(
+                f"{command.workflow_id}: FORK {command.ref!r} lacks the outputs of "
+                f"{len(missing)} items (first: {missing[:5]}) in the {FANOUT} bucket"
+            )
         await self.payloads.put_once(command.name, _encode(outputs))
+        await self.js.purge_stream(f"KV_{FANOUT}", subject=prefix + ">")
 
     async def _publish_result(self, result: TaskResult, headers: Mapping[str, str]) -> None:
         """A result the conductor states itself (a child's end, a refusal, a poison task)."""
@@ -1076,7 +1095,11 @@ class Conductor:
             if commands and is_old(state, now):
                 commands = await self._missing(state, commands, recovery)
             if commands:
-                await self.publish(state, commands)
+                try:
+                    await self.publish(state, commands)
+                except GatherIncomplete as exc:
+                    log.error("%s", exc)  # this one waits; the others are swept
+                    continue
                 count += 1
             if state.unpublished:
                 await self.mark_published(state)
@@ -1171,6 +1194,9 @@ class Conductor:
         self.index.note(indexed, None)
         self.store.forget(workflow_id)
         await self._delete_payloads(workflow_id, entry.value or b"{}")
+        with contextlib.suppress(TimeoutError, nats.errors.Error):
+            # Outputs kept for a FORK that never gathered them (the workflow failed).
+            await self.js.purge_stream(f"KV_{FANOUT}", subject=f"$KV.{FANOUT}.{workflow_id}.>")
         metrics().expired.add(1, {"workflow.name": head.workflow})
         log.info("%s expired: finished, past its retention", workflow_id)
 

@@ -25,6 +25,7 @@ walk until their result comes back as a fact.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Final, Literal
 
@@ -1241,6 +1242,8 @@ def _schedule(
     task: SimpleTask | WaitTask | SubWorkflowTask,
     data: Json,
     extra: dict[str, Json],
+    *,
+    attempt: int | None = None,
 ) -> None:
     if isinstance(task, WaitTask):
         draft.record(ref, task, status="IN_PROGRESS", input=data)
@@ -1255,6 +1258,7 @@ def _schedule(
         input=data,
         timeout_at=_deadline(draft.at, getattr(task, "timeout_s", None)),
         slot=slot,
+        **({"attempt": attempt} if attempt is not None else {}),
     )
     if isinstance(task, SubWorkflowTask):
         child = child_workflow_id(draft.state.workflow_id, ref, record.attempt)
@@ -1288,12 +1292,26 @@ def _fork(draft: _Draft, ref: str, task: ForkTask) -> None:
                 _branch_done(draft, ref, b)
         return
     items = draft.definition.nodes[ref].templates["over"].evaluate(draft.context())
+    if isinstance(items, dict) and PAYLOAD_MARKER in items:
+        _fail(
+            draft,
+            ref,
+            f"FORK {ref!r}: `over` names a value stored as a payload reference (a task output "
+            "over KAPELLMEISTER_PAYLOAD_THRESHOLD); pass the list in the workflow input, or "
+            "raise the threshold",
+        )
+        return
     if not isinstance(items, list):
         _fail(draft, ref, f"FORK {ref!r}: `over` is {type(items).__name__}, not a list")
         return
     if task.max_parallel is not None or len(items) > STREAM_OVER:
         parallel = task.max_parallel or STREAM_PARALLEL
-        fanout = Fanout(parallel=parallel, done=_bitmap(len(items)))
+        fanout = Fanout(
+            parallel=parallel,
+            done=_bitmap(len(items)),
+            floor=_earlier_item_attempts(draft, ref, task),
+            items=_digest(items),
+        )
         input: Json = {"items": len(items), "max_parallel": parallel}
         record = draft.record(ref, task, status="IN_PROGRESS", input=input)
         draft.put(msgspec.structs.replace(record, fanout=fanout))
@@ -1430,6 +1448,9 @@ def _stream_items(
     if items is None:
         over = draft.definition.nodes[fork_ref].templates["over"].evaluate(draft.context())
         items = over if isinstance(over, list) else []
+        if fanout.started < _items(record) and _digest(items) != fanout.items:
+            _fail(draft, fork_ref, f"FORK {fork_ref!r}: its `over` list changed while it ran")
+            return
     count = _items(record)
     if fanout.finished >= count:
         output: Json = (
@@ -1445,22 +1466,23 @@ def _stream_items(
         )
         _finish_task(draft, fork_ref)
         return
-    started = fanout.started
+    started, top = fanout.started, fanout.top
     each = draft.definition.nodes[task.each.ref]
     while started < count and started - fanout.finished < fanout.parallel:
         item = items[started] if started < len(items) else None
         data = each.templates["input"].evaluate(draft.context(item=item, index=started))
         assert isinstance(each.task, SimpleTask | SubWorkflowTask)
-        _schedule(
-            draft, f"{task.each.ref}[{started}]", each.task, data, {"item": item, "index": started}
-        )
+        item_ref = f"{task.each.ref}[{started}]"
+        # Above every attempt an earlier run of the FORK gave: new message and child ids.
+        before = draft.tasks.get(item_ref)
+        attempt = max(before.attempt if before is not None else 0, fanout.floor) + 1
+        extra: dict[str, Json] = {"item": item, "index": started}
+        _schedule(draft, item_ref, each.task, data, extra, attempt=attempt)
+        top = max(top, attempt)
         started += 1
     if started != fanout.started:
-        draft.put(
-            msgspec.structs.replace(
-                draft.tasks[fork_ref], fanout=msgspec.structs.replace(fanout, started=started)
-            )
-        )
+        counted = msgspec.structs.replace(fanout, started=started, top=top)
+        draft.put(msgspec.structs.replace(draft.tasks[fork_ref], fanout=counted))
 
 
 def _item_done(
@@ -1478,7 +1500,10 @@ def _item_done(
     draft.kept.append(KeptOutput(key, item.output if item is not None else None))
     draft.remove(item_ref)
     counted = msgspec.structs.replace(
-        fanout, finished=fanout.finished + 1, done=_with_bit(fanout.done, index)
+        fanout,
+        finished=fanout.finished + 1,
+        done=_with_bit(fanout.done, index),
+        top=max(fanout.top, item.attempt if item is not None else 0),
     )
     draft.put(msgspec.structs.replace(record, fanout=counted))
     _stream_items(draft, fork_ref, task)
@@ -1494,6 +1519,24 @@ def _streamed_item_ended(definition: Definition, state: Saga, ref: str) -> bool:
     return (
         fork is not None and fork.fanout is not None and _bit(fork.fanout.done, int(match["index"]))
     )
+
+
+def _earlier_item_attempts(draft: _Draft, fork_ref: str, task: ForkTask) -> int:
+    """The highest item attempt earlier runs of a FORK gave (their records may be gone:
+    the earlier FORK record keeps it)."""
+    assert task.each is not None
+    earlier = draft.tasks.get(fork_ref)
+    highest = earlier.fanout.top if earlier is not None and earlier.fanout is not None else 0
+    prefix = f"{task.each.ref}["
+    for ref, record in draft.tasks.items():
+        if ref.startswith(prefix):
+            highest = max(highest, record.attempt)
+    return highest
+
+
+def _digest(items: list[Json]) -> str:
+    """A streamed FORK's list, in short: it is read again as items are dispatched."""
+    return hashlib.sha256(msgspec.json.encode(items)).hexdigest()[:16]
 
 
 def _bitmap(count: int) -> str:

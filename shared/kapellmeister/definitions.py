@@ -216,7 +216,8 @@ class ForkTask(_Task, tag="FORK", frozen=True):
     # Dynamic only: at most this many items at once, streamed (`kapellmeister.decider`):
     # each item's record leaves the saga as it ends, and the output is a reference to
     # the list of outputs. Over `STREAM_OVER` items a FORK is streamed anyway.
-    max_parallel: Annotated[int, msgspec.Meta(ge=1, le=10_000)] | None = None
+    # (At most 1,000: their records are in the saga while they run.)
+    max_parallel: Annotated[int, msgspec.Meta(ge=1, le=1_000)] | None = None
 
 
 class GraphTask(_Task, tag="GRAPH", frozen=True):

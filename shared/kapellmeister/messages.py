@@ -188,6 +188,12 @@ class Fanout(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     done: str = ""
     # The fact that ended the last item: its commands gather the outputs.
     completed_by: str = ""
+    # Item attempts of earlier runs of the FORK are at most ``floor``, so this run's
+    # message and child ids are new; ``top`` is the highest this run gave.
+    floor: int = 0
+    top: int = 0
+    # A digest of the ``over`` list, read again as items go: it must not change.
+    items: str = ""
 
 
 class KeptOutput(msgspec.Struct, frozen=True):

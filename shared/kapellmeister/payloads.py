@@ -121,31 +121,40 @@ class Payloads:
                 return _encode(kept)
         return _encode(await self._put(name, encoded))
 
-    async def resolve(self, encoded: bytes) -> bytes:
+    async def resolve(self, encoded: bytes, workflow_id: str = "") -> bytes:
         """``encoded`` (JSON) with every reference replaced by the value it names (and
-        any reference inside that, in turn)."""
+        any reference inside that, in turn), for workflow ``workflow_id``."""
         if not _contains_marker(encoded):
             return encoded
         value: Json = _decode(encoded)
         if not any(True for _ in references(value)):
             return encoded
-        return _encode(await self._resolved(value, 0))
+        return _encode(await self._resolved(value, 0, workflow_id))
 
-    async def _resolved(self, value: Json, depth: int) -> Json:
+    async def _resolved(self, value: Json, depth: int, workflow_id: str) -> Json:
         if is_reference(value):
             assert isinstance(value, dict)
             if depth >= _DEEPEST:
                 raise BadRequest(f"payload references nest deeper than {_DEEPEST}")
-            found = cast(Json, _decode(await self.fetch(value)))
-            return await self._resolved(found, depth + 1)
+            found = cast(Json, _decode(await self.fetch(value, workflow_id)))
+            return await self._resolved(found, depth + 1, workflow_id)
         if isinstance(value, dict):
-            return {key: await self._resolved(item, depth) for key, item in value.items()}
+            return {k: await self._resolved(v, depth, workflow_id) for k, v in value.items()}
         if isinstance(value, list):
-            return [await self._resolved(item, depth) for item in value]
+            return [await self._resolved(v, depth, workflow_id) for v in value]
         return value
 
-    async def fetch(self, reference: dict[str, Json]) -> bytes:
-        """The JSON a reference names, checked against its digest.
+    async def exists(self, name: str) -> bool:
+        try:
+            await (await self.store()).get_info(name)
+        except NotFoundError:
+            return False
+        return True
+
+    async def fetch(self, reference: dict[str, Json], workflow_id: str = "") -> bytes:
+        """The JSON a reference names, checked against its digest (which only the list a
+        streamed FORK of ``workflow_id`` gathered may lack: its content is known once it
+        is written, after the decision that named it).
 
         Raises:
             BadRequest: no such object (removed, or never stored), or it is not what the
@@ -163,6 +172,8 @@ class Payloads:
             raise BadRequest(f"payload {name!r} is not in the {PAYLOADS} bucket") from None
         data = buffer.getvalue()
         digest = reference.get("sha256")
+        if digest is None and not (workflow_id and _gathered_by(name, workflow_id)):
+            raise BadRequest(f"payload reference {name!r} has no sha256")
         if digest is not None and hashlib.sha256(data).hexdigest() != digest:
             raise BadRequest(f"payload {name!r} is not the value its reference names")
         return data
@@ -274,6 +285,12 @@ _RFC3339: Final = re.compile(
     r"(?P<seconds>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?P<fraction>\.\d+)?"
     r"(?P<zone>Z|[+-]\d\d:\d\d)?"
 )
+
+
+def _gathered_by(name: str, workflow_id: str) -> bool:
+    """Whether ``name`` is the list a streamed FORK of ``workflow_id`` gathered."""
+    parts = name.split("/")
+    return len(parts) == 5 and _owner(name) == workflow_id and parts[4] == "items"
 
 
 def _owner(name: str) -> str | None:

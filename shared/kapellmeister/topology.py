@@ -95,7 +95,7 @@ BUCKETS: Final = {
 }
 # A lease outlives its attempt by at most a day (a crashed agent never deletes it); a
 # scatter-gather group is kept a week.
-_TTL_S: Final = {"leases": DAY_S, "gathers": 7 * DAY_S, "rates": DAY_S, "fanout": 30 * DAY_S}
+_TTL_S: Final = {"leases": DAY_S, "gathers": 7 * DAY_S, "rates": DAY_S}
 # Buckets whose messages may carry their own TTL: the marker a retention purge leaves
 # in `workflows` goes by itself (nats-server 2.11+).
 _MESSAGE_TTL: Final = frozenset({"workflows", "workflow_index"})

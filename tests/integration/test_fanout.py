@@ -198,3 +198,38 @@ async def test_max_parallel_belongs_to_a_dynamic_fork(nc, stack):
     }
     error = assert_error(await call(nc, "conductor.definitions.register", spec), 400)
     assert "max_parallel belongs to a dynamic FORK" in error["message"]
+
+
+async def test_a_rerun_of_a_streamed_fork_runs_its_items_again(nc, js, stack):
+    await register(nc, fan_out("again", max_parallel=2))
+    await call(nc, "conductor.start.again", {"numbers": [1, 2, 3]}, {"Workflow-Id": "ag-1"})
+    assert (await wait_finished(js, ["ag-1"]))["ag-1"]["status"] == "COMPLETED"
+    reply = await call(nc, "conductor.rerun.ag-1", {"task": "each_number"})
+    assert body(reply)["status"] == "RUNNING"
+    for _ in range(100):
+        state = await find_saga(js, "ag-1")
+        if state is not None and state["status"] == "COMPLETED":
+            break
+        await asyncio.sleep(0.1)
+    assert state is not None and state["status"] == "COMPLETED", state
+    assert state["output"] == {"count": 3, "total": 14}
+    assert sorted(running.calls) == [1, 1, 2, 2, 3, 3]  # every item ran again
+    assert summed == [3, 3]
+    fork = next(t for t in state["tasks"] if t["ref"] == "each_number")
+    assert fork["attempt"] == 2 and fork["fanout"]["floor"] == 1
+    assert fork["output"] == {PAYLOAD_MARKER: "ag-1/each_number/2/output/items"}
+
+
+async def test_a_gathered_list_is_read_only_by_its_own_workflow(nc, js, stack):
+    await register(nc, fan_out("owned", max_parallel=2))
+    await call(nc, "conductor.start.owned", {"numbers": [4, 5]}, {"Workflow-Id": "own-1"})
+    assert (await wait_finished(js, ["own-1"]))["own-1"]["status"] == "COMPLETED"
+    # Another workflow handed the list's reference (it has no digest) cannot read it.
+    spec = fan_out("reader")
+    spec["input"] = {"numbers": "any"}
+    await register(nc, spec)
+    stolen = {PAYLOAD_MARKER: "own-1/each_number/1/output/items"}
+    await call(nc, "conductor.start.reader", {"numbers": [stolen]}, {"Workflow-Id": "rd-1"})
+    state = (await wait_finished(js, ["rd-1"]))["rd-1"]
+    assert state["status"] == "FAILED"
+    assert "has no sha256" in state["error"]["message"]

@@ -121,3 +121,26 @@ def test_a_big_fork_is_streamed_without_max_parallel_and_a_small_one_is_not():
     small = start(fork(), list(range(10))).state
     assert next(t for t in small.tasks if t.ref == "each_number").fanout is None
     assert len(small.tasks) == 11
+
+
+def test_a_list_that_changes_while_items_run_fails_the_fork():
+    import msgspec
+
+    definition = fork(max_parallel=1)
+    state = start(definition, [1, 2, 3]).state
+    assert state is not None
+    changed = msgspec.structs.replace(state, input={"numbers": [1, "two", 3]})
+    decision = decide(definition, changed, done(0))
+    assert decision.state is not None and decision.state.status == "FAILED"
+    assert "its `over` list changed" in (
+        decision.state.error.message if decision.state.error else ""
+    )
+
+
+def test_max_parallel_is_at_most_a_thousand():
+    import pytest
+
+    from kapellmeister.errors import InvalidDefinition
+
+    with pytest.raises(InvalidDefinition, match="max_parallel"):
+        fork(max_parallel=1001)
