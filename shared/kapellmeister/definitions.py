@@ -613,6 +613,13 @@ def _check_shape(task: TaskDef, path: str, previous: TaskDef | None) -> None:
                 raise InvalidDefinition(
                     f"`each` must be a SIMPLE or SUB_WORKFLOW task - at `{path}.each`"
                 )
+            if isinstance(each, SimpleTask) and each.compensate is not None:
+                # One compensation per item is not built: refused here, rather than a
+                # decider that cannot find it when the workflow fails.
+                raise InvalidDefinition(
+                    "a dynamic FORK's `each` cannot have `compensate` (undo the items in a "
+                    f"task of a failure workflow instead) - at `{path}.each.compensate`"
+                )
         case JoinTask():
             if not isinstance(previous, ForkTask):
                 raise InvalidDefinition(f"a JOIN must come right after a FORK - at `{path}`")

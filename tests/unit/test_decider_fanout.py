@@ -144,3 +144,24 @@ def test_max_parallel_is_at_most_a_thousand():
 
     with pytest.raises(InvalidDefinition, match="max_parallel"):
         fork(max_parallel=1001)
+
+
+def test_an_each_with_compensate_is_refused_with_its_path():
+    import pytest
+
+    from kapellmeister.errors import InvalidDefinition
+
+    each = {
+        "ref": "sq",
+        "type": "SIMPLE",
+        "task": "fan.square",
+        "input": {"n": "${item}"},
+        "compensate": {"ref": "unsq", "type": "SIMPLE", "task": "fan.unsquare"},
+    }
+    spec = {
+        "name": "undoable",
+        "input": {"numbers": "list"},
+        "tasks": [{"ref": "f", "type": "FORK", "over": "${workflow.input.numbers}", "each": each}],
+    }
+    with pytest.raises(InvalidDefinition, match=r"tasks\[0\]\.each\.compensate"):
+        compile_definition(parse_definition(spec))
