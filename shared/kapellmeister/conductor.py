@@ -1070,7 +1070,8 @@ class Conductor:
         # Backoff is forgotten for what is no longer active; a change resets it on load.
         self._redriven = {k: v for k, v in self._redriven.items() if k in active}
         clock = asyncio.get_running_loop().time()
-        waiting = await self.limits.members()
+        semaphores = await self.limits.semaphores()  # one read, for the skip and the audit
+        waiting = {id for semaphore in semaphores.values() for id in semaphore.members()}
         for workflow_id in active:
             if active[workflow_id].status == "QUEUED" and workflow_id in waiting:
                 continue  # it holds or waits for its slot, in order: nothing to re-drive
@@ -1109,7 +1110,7 @@ class Conductor:
             gap = self.settings.sweep_interval_s * min(2**times, _MAX_GAP)
             self._redriven[workflow_id] = _Redrive(state.updated_at, times, clock + gap)
         # Slots whose release a crash lost go to the next in line.
-        count += await self.limits.audit()
+        count += await self.limits.audit(semaphores)
         await self._count_deadletters()  # a figure for a gauge, after the work that matters
         return count
 

@@ -32,8 +32,9 @@ from kapellmeister.messages import (
     RunTask,
     Saga,
     SlotGranted,
+    TaskRecord,
 )
-from kapellmeister.slots import Semaphore, Slots, Verdict, Waiter, holder_of
+from kapellmeister.slots import Semaphore, Slots, Verdict, Waiter, decode_semaphore, holder_of
 from kapellmeister.store import read_bucket
 
 if TYPE_CHECKING:
@@ -44,7 +45,6 @@ __all__ = ["Limits", "released_slots"]
 log = logging.getLogger("kapellmeister.limits")
 
 _WAITING = frozenset({"SCHEDULED", "IN_PROGRESS"})
-_decode_semaphore = msgspec.json.Decoder(Semaphore).decode
 # The grants the running `Limits.dispatch` loop (of this task) still has to send on.
 _GRANTS: contextvars.ContextVar[list[tuple[str, Waiter]] | None] = contextvars.ContextVar(
     "slot_grants", default=None
@@ -128,35 +128,20 @@ class Limits:
 
     async def _send_on(self, name: str, waiter: Waiter) -> bool:
         """Dispatch a granted waiter; False if its saga shows it no longer waits."""
+        verdict, state, record = await self._look(waiter.id)
+        if verdict != "stalled":
+            return verdict == "running"  # dispatched already, or not due yet: it holds
+        assert state is not None
         conductor = self.conductor
-        workflow_id, ref, attempt = holder_of(waiter.id)
-        state = (await conductor.store.load(workflow_id, fresh=True)).state
-        if not ref:
-            if state is None or state.status in TERMINAL:
-                return False  # it ended while it waited
-            if state.status != "QUEUED":
-                return True  # running already (a grant sent on twice)
+        if record is None:  # a QUEUED workflow
             semaphore, _ = await self.slots.read(name)
             if semaphore is None or waiter.id not in semaphore.holders:
                 # Ended and queued anew since this grant (a rerun): not this grant's.
                 return True
-            at = conductor.clock.now()
             # Applied, its end (even at once) gives the slot back itself (`released`).
-            await conductor.request(
-                SlotGranted(workflow_id=workflow_id, at=at), operation="slot granted"
-            )
+            granted = SlotGranted(workflow_id=state.workflow_id, at=conductor.clock.now())
+            await conductor.request(granted, operation="slot granted")
             return True
-        record = next((t for t in state.tasks if t.ref == ref), None) if state else None
-        if (
-            state is None
-            or state.status in TERMINAL
-            or record is None
-            or record.attempt != attempt
-            or record.status not in _WAITING
-        ):
-            return False
-        if record.status != "SCHEDULED" or record.retry_at is not None:
-            return True  # dispatched already, or not due yet: it holds its slot
         definition = await conductor.definitions.get(state.workflow, state.version)
         dispatch = tuple(
             c
@@ -167,24 +152,21 @@ class Limits:
         await conductor.publish_decided(state, dispatch, replay=True)
         return True
 
-    async def members(self) -> set[str]:
-        """Every id that holds or waits for a slot, in any semaphore in use (the sweeper
-        leaves those QUEUED workflows alone: they wait in order already)."""
-        found: set[str] = set()
-        async for _, value in read_bucket(self.slots.kv):
+    async def semaphores(self) -> dict[str, Semaphore]:
+        """Every semaphore in use, by name, as read now (one read of the bucket)."""
+        found: dict[str, Semaphore] = {}
+        async for name, value in read_bucket(self.slots.kv):
             with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                semaphore = _decode_semaphore(value)
-                found.update(semaphore.holders)
-                found.update(w.id for w in semaphore.waiting)
+                found[name] = decode_semaphore(value)
         return found
 
-    async def audit(self) -> int:
-        """In every semaphore in use: evict holders past their lease whose saga says
-        they ended, send on again those granted whose dispatch was lost, and dispatch
-        whom the freed slots go to. How many were dispatched."""
+    async def audit(self, semaphores: dict[str, Semaphore]) -> int:
+        """In every semaphore in use (``semaphores``, as `semaphores` read them): evict
+        holders past their lease whose saga says they ended, send on again those granted
+        whose dispatch was lost, and dispatch whom the freed slots go to. How many were
+        dispatched."""
         count = 0
-        names = [name async for name, _ in read_bucket(self.slots.kv)]
-        for name in names:
+        for name in semaphores:
             granted, stalled = await self.slots.audit(name, self._judge)
             for id in stalled:
                 log.info("slot %s: %s was granted but not sent on; sending it on", name, id)
@@ -193,15 +175,20 @@ class Limits:
         return count
 
     async def _judge(self, id: str) -> Verdict:
+        return (await self._look(id))[0]
+
+    async def _look(self, id: str) -> tuple[Verdict, Saga | None, TaskRecord | None]:
+        """What a holder's saga says of it, with the saga and the attempt's record."""
         workflow_id, ref, attempt = holder_of(id)
         state = (await self.conductor.store.load(workflow_id, fresh=True)).state
         if state is None or state.status in TERMINAL:
-            return "dead"
+            return "dead", state, None
         if not ref:
-            return "stalled" if state.status == "QUEUED" else "running"
+            return ("stalled" if state.status == "QUEUED" else "running"), state, None
         record = next((t for t in state.tasks if t.ref == ref), None)
         if record is None or record.attempt != attempt or record.status not in _WAITING:
-            return "dead"
+            return "dead", state, record
         if record.status == "SCHEDULED" and record.retry_at is None and not record.started_at:
-            return "stalled"  # published or not: a replay sends only what is missing
-        return "running"
+            # Published or not: a replay sends only what is missing.
+            return "stalled", state, record
+        return "running", state, record

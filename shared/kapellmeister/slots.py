@@ -51,6 +51,7 @@ __all__ = [
     "Slots",
     "Verdict",
     "Waiter",
+    "decode_semaphore",
     "give_back",
     "holder_of",
     "take",
@@ -106,9 +107,13 @@ class Semaphore(msgspec.Struct, frozen=True, kw_only=True):
     holders: dict[str, Holder] = {}
     waiting: list[Waiter] = []
 
+    def members(self) -> set[str]:
+        """The ids that hold a slot or wait for one."""
+        return {*self.holders, *(w.id for w in self.waiting)}
+
 
 _encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder(Semaphore).decode
+decode_semaphore = msgspec.json.Decoder(Semaphore).decode
 
 Taken = Literal["holds", "waits", "full"]
 
@@ -254,7 +259,7 @@ class Slots:
         revision = entry.revision or 0
         if not entry.value:
             return None, revision
-        return _decode(entry.value), revision
+        return decode_semaphore(entry.value), revision
 
     async def _write(self, name: str, semaphore: Semaphore, revision: int) -> bool:
         """Compare-and-set; an idle semaphore is deleted (the bucket keeps only those in

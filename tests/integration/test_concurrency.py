@@ -392,7 +392,7 @@ async def test_a_grant_whose_dispatch_was_lost_is_sent_on_by_the_audit(nc, js, s
         assert held is not None and list(held.holders) == ["next"]
         assert (await saga(js, "next"))["status"] == "QUEUED"
         await asyncio.sleep(0.4)  # its lease runs out
-        await conductor.limits.audit()
+        await conductor.limits.audit(await conductor.limits.semaphores())
         await until_status(js, "next", "RUNNING")
     finally:
         await conductor.stop()
