@@ -29,6 +29,7 @@ from kapellmeister.errors import (
 from kapellmeister.messages import (
     WORKFLOW_ID_PATTERN,
     Fact,
+    GetRequest,
     ListRequest,
     PauseRequested,
     RerunRequested,
@@ -51,6 +52,7 @@ __all__ = ["serve_api"]
 _encode = msgspec.json.Encoder().encode
 _decode_json = msgspec.json.Decoder().decode
 _decode_list = msgspec.json.Decoder(ListRequest).decode
+_decode_get = msgspec.json.Decoder(GetRequest).decode
 
 
 class TerminateRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -154,7 +156,7 @@ class _Api:
 
     async def get(self, request: Request) -> bytes:
         workflow_id = _workflow_id(request)
-        query = _decode_get(request.data or b"{}")
+        query = _decode_get((request.data or b"").strip() or b"{}")
         try:
             entry = await self.conductor.store.kv.get(workflow_id)
         except KeyNotFoundError:
@@ -301,21 +303,8 @@ def _schedule_name(request: Request) -> str:
     return name
 
 
-class GetRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """``conductor.get.<id>``'s optional body: ``inline`` the payloads it refers to."""
-
-    inline: bool = False
-
-
 # Room left in a reply for its headers.
 _REPLY_MARGIN: Final = 4096
-
-
-def _decode_get(data: bytes) -> GetRequest:
-    try:
-        return msgspec.json.decode(data.strip() or b"{}", type=GetRequest)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise BadRequest(f"bad get request: {exc}") from exc
 
 
 def _int_header(headers: dict[str, str], name: str) -> int | None:

@@ -51,6 +51,7 @@ __all__ = [
     "Failure",
     "Fact",
     "Json",
+    "GetRequest",
     "ListRequest",
     "PublishEvent",
     "RunTask",
@@ -607,6 +608,12 @@ class Refusal(msgspec.Struct, frozen=True):
 class StartReply(msgspec.Struct, frozen=True):
     workflow_id: str
     status: WorkflowStatus
+
+
+class GetRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``conductor.get.<id>``'s optional body: ``inline`` the payloads it refers to."""
+
+    inline: bool = False
 
 
 class ListRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -145,6 +145,7 @@ class Payloads:
         return value
 
     async def exists(self, name: str) -> bool:
+        """Whether object ``name`` is stored (and not deleted)."""
         try:
             await (await self.store()).get_info(name)
         except NotFoundError:
@@ -236,11 +237,8 @@ class Payloads:
     async def put_once(self, name: str, data: bytes) -> None:
         """Store ``data`` as object ``name`` unless it exists (a name whose content is
         fixed once decided, such as a streamed FORK's gathered outputs)."""
-        store = await self.store()
-        try:
-            await store.get_info(name)
-        except NotFoundError:
-            await store.put(name, data)
+        if not await self.exists(name):
+            await (await self.store()).put(name, data)
 
     async def _put(self, name: str, data: bytes) -> dict[str, Json]:
         """Store ``data`` under ``name`` and its digest, unless it is stored already: an
@@ -248,11 +246,7 @@ class Payloads:
         and a redelivered attempt with another output writes another object."""
         digest = hashlib.sha256(data).hexdigest()
         named = f"{name}/{digest[:16]}"
-        store = await self.store()
-        try:
-            await store.get_info(named)
-        except NotFoundError:
-            await store.put(named, data)
+        await self.put_once(named, data)
         return {MARKER: named, "bytes": len(data), "sha256": digest}
 
 
