@@ -456,13 +456,17 @@ class Scheduler:
 
     async def get(self, name: str) -> Schedule:
         """Raises: ScheduleNotFound."""
+        return (await self._read(name))[0]
+
+    async def _read(self, name: str) -> tuple[Schedule, int]:
+        """The schedule and its revision. Raises: ScheduleNotFound."""
         try:
             entry = await self.kv.get(name)
         except KeyNotFoundError:
             entry = None
         if entry is None or not entry.value:
             raise ScheduleNotFound(f"no schedule named {name!r}")
-        return _decode(entry.value)
+        return _decode(entry.value), entry.revision or 0
 
     async def list(self) -> Schedules:
         """Every schedule, by name, as stored now."""
@@ -495,19 +499,13 @@ class Scheduler:
 
     async def _change(self, name: str, change: Callable[[Schedule], dict[str, object]]) -> Schedule:
         for _ in range(5):
-            try:
-                entry = await self.kv.get(name)
-            except KeyNotFoundError:
-                entry = None
-            if entry is None or not entry.value:
-                raise ScheduleNotFound(f"no schedule named {name!r}")
-            schedule = _decode(entry.value)
+            schedule, revision = await self._read(name)
             fields = change(schedule)
             if not fields:
                 return schedule
             changed = msgspec.structs.replace(schedule, **fields)
             try:
-                await self.kv.update(name, _encode(changed), last=entry.revision)
+                await self.kv.update(name, _encode(changed), last=revision)
             except KeyWrongLastSequenceError:
                 continue
             self.known[name] = changed
