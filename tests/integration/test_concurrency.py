@@ -69,6 +69,14 @@ async def served(nc, settings):
     await agent.stop()
 
 
+def gated(name: str) -> dict[str, Any]:
+    """One workflow at a time, each holding its slot until its `approve` is signalled."""
+    spec = definition(name, concurrency={"limit": 1})
+    spec["tasks"] = [{"ref": "approve", "type": "WAIT"}]
+    spec["output"] = {}
+    return spec
+
+
 JOB_INPUT = {"n": "${workflow.input.n}", "customer": "${workflow.input.customer}"}
 
 
@@ -281,10 +289,7 @@ async def test_a_live_holder_keeps_its_slot_past_its_lease(nc, js, settings, ser
     conductor = Conductor(settings, registry())
     await conductor.start(nc)
     try:
-        spec = definition("gated", concurrency={"limit": 1})
-        spec["tasks"] = [{"ref": "approve", "type": "WAIT"}]
-        spec["output"] = {}
-        await register(nc, spec)
+        await register(nc, gated("gated"))
         await start(nc, "gated", "long", 1)
         await start(nc, "gated", "next", 2)
         await until_status(js, "next", "QUEUED")
@@ -370,10 +375,7 @@ async def test_a_grant_whose_dispatch_was_lost_is_sent_on_by_the_audit(nc, js, s
     conductor = Conductor(settings, registry())
     await conductor.start(nc)
     try:
-        spec = definition("lossy", concurrency={"limit": 1})
-        spec["tasks"] = [{"ref": "approve", "type": "WAIT"}]
-        spec["output"] = {}
-        await register(nc, spec)
+        await register(nc, gated("lossy"))
         await start(nc, "lossy", "long", 1)
         await start(nc, "lossy", "next", 2)
         await until_status(js, "next", "QUEUED")
@@ -406,10 +408,7 @@ async def test_a_full_queue_leaves_the_rest_queued_until_there_is_room(
     conductor = Conductor(settings, registry())
     await conductor.start(nc)
     try:
-        spec = definition("narrow", concurrency={"limit": 1})
-        spec["tasks"] = [{"ref": "approve", "type": "WAIT"}]
-        spec["output"] = {}
-        await register(nc, spec)
+        await register(nc, gated("narrow"))
         ids = [f"narrow-{n}" for n in range(5)]
         for n, workflow_id in enumerate(ids):
             await start(nc, "narrow", workflow_id, n)
