@@ -65,6 +65,7 @@ from kapellmeister.gather import kv_key
 from kapellmeister.index import INDEX, IndexEntry, WorkflowIndex, decode_entry
 from kapellmeister.lease import LEASES, Look, cancel_if_silent, lease_key, look
 from kapellmeister.limits import Limits
+from kapellmeister.locks import KeyedLocks
 from kapellmeister.messages import (
     TERMINAL,
     AcquireSlot,
@@ -167,8 +168,8 @@ class Conductor:
         self._tenants: KeyValue | None = None
         self._scheduler: Scheduler | None = None
         self._limits: Limits | None = None
-        # One fact at a time per workflow in this replica (`_turn`), and its waiters.
-        self._turns: dict[str, tuple[asyncio.Lock, int]] = {}
+        # One fact at a time per workflow in this replica (`_turn`).
+        self._turns = KeyedLocks()
         self._payloads: Payloads | None = None
         self._fanout: KeyValue | None = None
         # What the sweeper re-drove, by workflow: the updated_at it saw, how often, and
@@ -467,19 +468,12 @@ class Conductor:
         if workflow_id in held:
             yield
             return
-        lock, users = self._turns.get(workflow_id, (asyncio.Lock(), 0))
-        self._turns[workflow_id] = (lock, users + 1)
         token = _HELD.set(held | {workflow_id})
         try:
-            async with lock:
+            async with self._turns.hold(workflow_id):
                 yield
         finally:
             _HELD.reset(token)
-            lock, users = self._turns[workflow_id]
-            if users == 1:
-                del self._turns[workflow_id]  # no one else waits: locks do not pile up
-            else:
-                self._turns[workflow_id] = (lock, users - 1)
 
     async def publish(
         self, state: Saga, commands: tuple[Command, ...], trace: Mapping[str, str] | None = None
@@ -581,8 +575,6 @@ class Conductor:
                 await self._publish_result(result, headers)
             case AcquireSlot():
                 await self.limits.acquire(command)
-            case GatherOutputs():
-                await self._gather(command)
             case TerminateWorkflow():
                 # The child's own saga step: its end terminates its children in turn.
                 await self.request(

@@ -20,7 +20,6 @@ Times are the NATS server's (`ServerClock`, re-read every few minutes), seconds 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import Callable
 from typing import Annotated, Final
@@ -30,6 +29,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from kapellmeister.expressions import Json
+from kapellmeister.locks import KeyedLocks
 
 __all__ = ["RATES", "Rate", "RateLimiter", "bucket_key", "reserve"]
 
@@ -85,24 +85,15 @@ class RateLimiter:
     def __init__(self, kv: KeyValue, now: Callable[[], float]) -> None:
         self.kv = kv
         self.now = now
-        # One reservation of a key at a time in this process, in the order they come
-        # (asyncio's lock is first come, first served): a replica hands its slots out in
-        # the order of its queue, and only replicas race each other's compare-and-set.
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        # One reservation of a key at a time in this process, in the order they come:
+        # a replica hands its slots out in the order of its queue, and only replicas
+        # race each other's compare-and-set.
+        self._locks = KeyedLocks()
 
     async def reserve(self, key: str, rate: Rate) -> float:
         """Reserve the next slot of ``key``: how many seconds from now it starts."""
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                return await self._reserve(key, rate)
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]  # no one else waits on it: keys do not pile up
-            else:
-                self._locks[key] = (lock, users - 1)
+        async with self._locks.hold(key):
+            return await self._reserve(key, rate)
 
     async def _reserve(self, key: str, rate: Rate) -> float:
         while True:
