@@ -1445,12 +1445,6 @@ def _stream_items(
     record = draft.tasks[fork_ref]
     fanout = record.fanout
     assert fanout is not None and task.each is not None
-    if items is None:
-        over = draft.definition.nodes[fork_ref].templates["over"].evaluate(draft.context())
-        items = over if isinstance(over, list) else []
-        if fanout.started < _items(record) and _digest(items) != fanout.items:
-            _fail(draft, fork_ref, f"FORK {fork_ref!r}: its `over` list changed while it ran")
-            return
     count = _items(record)
     if fanout.finished >= count:
         output: Json = (
@@ -1466,6 +1460,14 @@ def _stream_items(
         )
         _finish_task(draft, fork_ref)
         return
+    if fanout.started >= count or fanout.started - fanout.finished >= fanout.parallel:
+        return  # nothing more to dispatch now: the list is not read
+    if items is None:
+        over = draft.definition.nodes[fork_ref].templates["over"].evaluate(draft.context())
+        items = over if isinstance(over, list) else []
+        if _digest(items) != fanout.items:
+            _fail(draft, fork_ref, f"FORK {fork_ref!r}: its `over` list changed while it ran")
+            return
     started, top = fanout.started, fanout.top
     each = draft.definition.nodes[task.each.ref]
     while started < count and started - fanout.finished < fanout.parallel:
