@@ -37,7 +37,10 @@ async def stack(nats_url, tmp_path, nc):
     for name in ("conductor", "weather", "agenda"):
         stack.start(name)
     try:
-        await wait_for_services(nc, ["conductor", "weather", "agenda"], processes=stack.processes)
+        # The agenda process serves its actors as a second micro service, which comes up
+        # after its agent: a discovery right after "agenda" answers may not see it yet.
+        names = ["conductor", "weather", "agenda", "agenda-actors"]
+        await wait_for_services(nc, names, processes=stack.processes)
         yield stack
     finally:
         stack.stop()
